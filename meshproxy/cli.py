@@ -1,0 +1,74 @@
+"""`meshproxy --conf FILE [--check]`: argv -> config -> app; exit codes.
+
+Exit codes: 0 clean stop (including after a drain), 2 bad config or usage,
+1 anything else that stopped the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import trio
+
+from meshproxy import __version__
+from meshproxy.config import ConfigError, load
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshproxy", description="A service-mesh data-plane sidecar.")
+    p.add_argument("--conf", "-c", metavar="FILE", help="the YAML config file")
+    p.add_argument("--check", action="store_true", help="validate the config, print it with defaults, exit")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"meshproxy {__version__}")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("demo", help="run the proxy with an example backend and make a few calls")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "demo":
+        from meshproxy.demo import run_demo
+
+        return run_demo()
+    if not args.conf:
+        print("meshproxy: --conf FILE is required (see --help)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        config = load(args.conf)
+    except ConfigError as e:
+        for line in e.lines:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(json.dumps(config.to_json(), indent=2))
+        return EXIT_OK
+    from meshproxy.app import App
+
+    async def run() -> None:
+        app = App(config)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.handle_signals)
+            await app.run()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    except OSError as e:
+        print(f"meshproxy: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK

@@ -1,0 +1,234 @@
+"""HTTP/2 codec: h2's sans-IO H2Connection, tuned for a proxy.
+
+Knows: HTTP/2 framing and state (through h2), RFC 9113 header rules. Must
+not: read clocks, touch sockets, or decide policy. h2's own event classes are
+used as the codec's events: they are already sans-IO, keyed by stream id, and
+converting every one of them again would cost on each frame.
+
+What this module changes in h2, and why (h2 and hpack are pinned in
+pyproject.toml; tests/codec/test_h2_codec.py exercises each change):
+
+* Open-stream counting. h2 counts open streams by scanning every stream each
+  time one opens (h2 issue #1184): O(streams) per request. Here the driver
+  tells the codec when it is done with a stream (`forget_stream`), so
+  `self.streams` holds only live streams and its size is the count.
+* Header validation. h2's inbound validation runs several passes per header
+  block and still leaves a proxy to check what it forwards. It is off; one
+  single-pass RFC 9113 section 8.2/8.3 check (`request_problem`,
+  `response_problem`, `trailers_problem`) runs on every block received, and a
+  failure resets that stream with PROTOCOL_ERROR.
+* Logging. h2's per-frame `repr(frame)` for its trace log and hpack's
+  `log.debug` calls cost even when nothing is logged; `quiet_libraries()`
+  makes them no-ops (called once by the app, not at import).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import hpack.hpack
+from h2.errors import ErrorCodes
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9113 section 8.2.2: connection-specific header fields are malformed in HTTP/2.
+CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+# RFC 9110 section 5.1 token characters, lower-case only (RFC 9113 section 8.2.1).
+_NAME_OK = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+# RFC 9113 section 8.2.1: NUL, CR and LF are never allowed in a field value.
+_VALUE_BAD = (b"\x00", b"\r", b"\n")
+
+
+def _field_problem(name: bytes, value: bytes) -> str | None:
+    if not name or not _NAME_OK.issuperset(name):
+        return f"invalid header name {name[:64]!r}"
+    for bad in _VALUE_BAD:
+        if bad in value:
+            return f"invalid character in the value of {name.decode('latin-1')}"
+    if value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
+        return f"leading or trailing whitespace in {name.decode('latin-1')}"
+    if name in CONNECTION_SPECIFIC:
+        return f"connection-specific header {name.decode()}"
+    if name == b"te" and value != b"trailers":
+        return "te other than 'trailers'"
+    return None
+
+
+def request_problem(headers: Headers) -> str | None:
+    """One pass over a request header block; None if well-formed (RFC 9113 8.3.1)."""
+    seen: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular:
+                return "pseudo-header after a regular header"
+            if name not in _REQUEST_PSEUDO:
+                return f"unknown pseudo-header {name[:32]!r}"
+            if name in seen:
+                return f"duplicate {name.decode()}"
+            if not value and name != b":authority":
+                return f"empty {name.decode()}"
+            seen.add(name)
+            continue
+        regular = True
+        problem = _field_problem(name, value)
+        if problem:
+            return problem
+    if b":method" not in seen:
+        return "missing :method"
+    if b":protocol" in seen:
+        return "extended CONNECT is not supported"
+    if b":scheme" not in seen or b":path" not in seen:
+        # Plain CONNECT has neither; meshproxy does not tunnel.
+        return "missing :scheme or :path"
+    return None
+
+
+def response_problem(headers: Headers) -> str | None:
+    """One pass over a response header block (RFC 9113 8.3.2)."""
+    status = False
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular or name != b":status" or status:
+                return f"unexpected pseudo-header {name[:32]!r}"
+            if len(value) != 3 or not value.isdigit():
+                return "malformed :status"
+            status = True
+            continue
+        regular = True
+        problem = _field_problem(name, value)
+        if problem:
+            return problem
+    return None if status else "missing :status"
+
+
+def trailers_problem(headers: Headers) -> str | None:
+    """Trailers carry no pseudo-headers (RFC 9113 8.1)."""
+    for name, value in headers:
+        if name[:1] == b":":
+            return "pseudo-header in trailers"
+        problem = _field_problem(name, value)
+        if problem:
+            return problem
+    return None
+
+
+class _Silent:
+    """A logger that does nothing, cheaply."""
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    trace = info = warning = debug
+
+    def isEnabledFor(self, level: int) -> bool:
+        return False
+
+
+def quiet_libraries() -> None:
+    """Stop hpack's per-header debug logging (it checks the logging level every call)."""
+    hpack.hpack.log = _Silent()  # type: ignore[assignment]
+
+
+def make_config(client_side: bool) -> h2.config.H2Configuration:
+    return h2.config.H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        split_outbound_cookies=False,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
+        logger=_Silent(),  # type: ignore[arg-type]
+    )
+
+
+class ProxyH2Connection(h2.connection.H2Connection):
+    """H2Connection with O(1) stream counting and no per-frame trace work."""
+
+    def __init__(self, client_side: bool, max_header_list_size: int) -> None:
+        super().__init__(config=make_config(client_side))
+        self.max_header_list_size = max_header_list_size
+        self.decoder.max_header_list_size = max_header_list_size
+        self.state_machine._transitions = _GRACEFUL  # type: ignore[misc]
+
+    def _open_streams(self, remainder: int) -> int:
+        # meshproxy never pushes (ENABLE_PUSH is 0 both ways), so every stream
+        # has the same parity, and the driver removes each one it is done
+        # with: the live map's size is the count h2 would scan for.
+        return len(self.streams)
+
+    def forget_stream(self, stream_id: int) -> None:
+        """The driver is done with this stream: drop it as h2's scan would have."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            # h2 remembers how each closed stream ended to answer late frames.
+            self._closed_streams[stream_id] = stream.closed_by
+
+    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        # h2's version formats repr(frame) for a trace log on every frame.
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                self._reset_closed(e.stream_id, e.error_code)
+                return e._events
+            raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                self._reset_closed(e.stream_id, ErrorCodes.STREAM_CLOSED)
+                return []
+            if self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            raise
+        self._prepare_for_sending(frames)
+        return events
+
+    def _reset_closed(self, stream_id: int, code: int) -> None:
+        from hyperframe.frame import RstStreamFrame
+
+        f = RstStreamFrame(stream_id)
+        f.error_code = code
+        self._prepare_for_sending([f])
+
+
+def initial_settings(
+    *, max_concurrent_streams: int, initial_window: int, max_header_list_size: int, max_frame: int
+) -> dict[int, int]:
+    S = h2.settings.SettingCodes
+    return {
+        S.ENABLE_PUSH: 0,
+        S.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+        S.INITIAL_WINDOW_SIZE: initial_window,
+        S.MAX_HEADER_LIST_SIZE: max_header_list_size,
+        S.MAX_FRAME_SIZE: max_frame,
+    }
+
+
+def _graceful_transitions() -> dict[Any, Any]:
+    """h2's connection state table, except that GOAWAY keeps an open connection open.
+
+    h2 moves to CLOSED on sending or receiving GOAWAY and then rejects every
+    frame, so streams below the GOAWAY's last-stream-id could never finish.
+    RFC 9113 section 6.8 says they should: the driver stops opening streams
+    after a GOAWAY and closes the connection once the last stream is done.
+    """
+    from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+
+    table = dict(H2ConnectionStateMachine._transitions)
+    for state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
+        for event in (ConnectionInputs.SEND_GOAWAY, ConnectionInputs.RECV_GOAWAY):
+            table[(state, event)] = (None, state)
+    return table
+
+
+_GRACEFUL = _graceful_transitions()

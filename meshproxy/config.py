@@ -1,0 +1,609 @@
+"""YAML -> frozen, typed configuration; every error names its key path.
+
+Knows: the configuration contract (../DESIGN.md, docs/configuration.md).
+Must not: start anything. `load()` reads the file once; nothing reads the
+YAML again. A second pass checks cross-references (route -> cluster, filter
+name -> filter type).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from meshproxy.values import Address, parse_address, parse_duration, parse_size
+
+T = TypeVar("T")
+
+DIRECTIONS = ("egress", "ingress")
+PROTOCOLS = ("http2", "thrift")
+LB_POLICIES = ("round_robin", "least_request")
+
+
+class ConfigError(Exception):
+    """One or more problems; `lines` has one 'file: key.path: reason' per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    service: str = "meshproxy"
+    unit: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    address: Address = Address("tcp", "127.0.0.1", 15000)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    enabled: bool = False
+    path: str = "stdout"  # "stdout" or a file path
+
+
+@dataclass(frozen=True, slots=True)
+class Http2Listener:
+    """Per-connection limits for downstream HTTP/2 (each has a reason in docs)."""
+
+    max_concurrent_streams: int = 256
+    max_header_list_size: int = 64 * 1024
+    # Per-stream receive window = the most a stream buffers before its sender
+    # waits for us to forward it (RFC 9113 6.9): the per-stream buffer bound.
+    stream_window: int = 256 * 1024
+    connection_window: int = 4 * 1024 * 1024
+    idle_timeout: float = 300.0
+    write_timeout: float = 30.0
+    keepalive_interval: float = 60.0
+    keepalive_timeout: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str
+    exact: str | None = None
+    prefix: str | None = None
+    present: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    prefix: str | None = None
+    path: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    match: RouteMatch
+    cluster: str
+    timeout: float = 15.0  # 0 disables; Envoy's default route timeout is 15 s too
+
+
+@dataclass(frozen=True, slots=True)
+class FilterSpec:
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def options_dict(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    direction: str
+    address: Address
+    protocol: str = "http2"
+    filters: tuple[FilterSpec, ...] = ()
+    routes: tuple[Route, ...] = ()
+    http2: Http2Listener = Http2Listener()
+
+
+@dataclass(frozen=True, slots=True)
+class Http2Cluster:
+    max_connections_per_endpoint: int = 4
+    # Calls that may wait for a stream slot when every connection is full.
+    max_pending: int = 1024
+    stream_window: int = 256 * 1024
+    connection_window: int = 4 * 1024 * 1024
+    max_header_list_size: int = 64 * 1024
+    write_timeout: float = 30.0
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 10.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    protocol: str
+    endpoints: tuple[Address, ...]
+    lb: str = "round_robin"
+    connect_timeout: float = 1.0
+    http2: Http2Cluster = Http2Cluster()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    node: Node
+    admin: Admin
+    access_log: AccessLog
+    listeners: tuple[Listener, ...]
+    clusters: tuple[Cluster, ...]
+    drain_timeout: float = 10.0
+    _clusters_by_name: dict[str, Cluster] = field(default_factory=dict, compare=False, repr=False)
+
+    def cluster(self, name: str) -> Cluster:
+        return self._clusters_by_name[name]
+
+    def to_json(self) -> dict[str, Any]:
+        """The effective config, defaults filled in (for --check and /config_dump)."""
+        raw = asdict(self)
+        raw.pop("_clusters_by_name")
+        return _jsonable(raw)  # type: ignore[no-any-return]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        if {"kind", "host", "port", "path"} == set(value):
+            return str(Address(**value))
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if (
+            value
+            and all(isinstance(v, tuple) and len(v) == 2 for v in value)
+            and all(isinstance(v[0], str) for v in value)
+        ):
+            return {k: _jsonable(v) for k, v in value}
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------
+# The reader: walks the YAML with a key path and collects problems.
+
+
+class _Invalid(Exception):
+    """Raised to abandon one value; the problem is already recorded."""
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+        self._path: list[str] = []
+
+    @property
+    def path(self) -> str:
+        out = ""
+        for part in self._path:
+            out += part if part.startswith("[") else ("." + part if out else part)
+        return out or "(top level)"
+
+    @contextmanager
+    def at(self, part: str) -> Iterator[None]:
+        self._path.append(part)
+        try:
+            yield
+        finally:
+            self._path.pop()
+
+    def problem(self, message: str, part: str | None = None) -> None:
+        if part is None:
+            self.problems.append(f"{self.source}: {self.path}: {message}")
+        else:
+            with self.at(part):
+                self.problems.append(f"{self.source}: {self.path}: {message}")
+
+    def mapping(
+        self, raw: object, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            self.problem(f"expected a mapping, got {_kind(raw)}")
+            raise _Invalid
+        for key in raw:
+            if not isinstance(key, str) or key not in allowed:
+                self.problem(f"unknown key (expected one of: {', '.join(allowed)})", str(key))
+        for key in required:
+            if key not in raw:
+                self.problem("required key is missing", key)
+        return raw
+
+    def value(self, raw: dict[str, Any], key: str, parse: Callable[[Any], T], default: T) -> T:
+        if key not in raw:
+            return default
+        with self.at(key):
+            try:
+                return parse(raw[key])
+            except ValueError as e:
+                self.problem(str(e))
+                return default
+
+    def each(self, raw: object, parse: Callable[[int, Any], T]) -> list[tuple[int, T]]:
+        """Parse every item of a list; an item that fails is reported and left out."""
+        if not isinstance(raw, list):
+            self.problem(f"expected a list, got {_kind(raw)}")
+            return []
+        out: list[tuple[int, T]] = []
+        for i, item in enumerate(raw):
+            with self.at(f"[{i}]"):
+                try:
+                    out.append((i, parse(i, item)))
+                except _Invalid:
+                    pass
+        return out
+
+
+def _kind(raw: object) -> str:
+    if raw is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(raw), type(raw).__name__
+    )
+
+
+def _string(raw: object) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"expected a non-empty string, got {_kind(raw)}")
+    return raw
+
+
+def _bool(raw: object) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"expected true or false, got {raw!r}")
+    return raw
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return str(raw)
+
+    return parse
+
+
+def _positive_int(raw: object) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {raw!r}")
+    return raw
+
+
+def _window(raw: object) -> int:
+    size = parse_size(raw)
+    # RFC 9113 6.9.1: a flow-control window is at most 2^31-1 octets.
+    if not 65535 <= size <= 2**31 - 1:
+        raise ValueError(f"expected a window from 65535 bytes to 2GiB-1, got {size}")
+    return size
+
+
+def _positive_duration(raw: object) -> float:
+    value = parse_duration(raw)
+    if value <= 0:
+        raise ValueError(f"expected a duration above zero, got {raw!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# The sections.
+
+_DATACLASS_PARSERS: dict[str, Callable[[object], Any]] = {
+    "max_concurrent_streams": _positive_int,
+    "max_connections_per_endpoint": _positive_int,
+    "max_pending": _positive_int,
+    "max_header_list_size": parse_size,
+    "stream_window": _window,
+    "connection_window": _window,
+    "idle_timeout": _positive_duration,
+    "write_timeout": _positive_duration,
+    "keepalive_interval": _positive_duration,
+    "keepalive_timeout": _positive_duration,
+}
+
+
+def _limits(r: _Reader, raw: object, cls: type[T]) -> T:
+    names = tuple(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    m = r.mapping(raw, names)
+    default = cls()
+    values = {n: r.value(m, n, _DATACLASS_PARSERS[n], getattr(default, n)) for n in names}
+    return cls(**values)
+
+
+def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) -> Route:
+    m = r.mapping(raw, ("name", "match", "cluster", "timeout"), required=("match", "cluster"))
+    name = r.value(m, "name", _string, f"{listener}.{index}")
+    cluster = r.value(m, "cluster", _string, "")
+    timeout = r.value(m, "timeout", parse_duration, 15.0)
+    match = RouteMatch()
+    if "match" in m:
+        with r.at("match"):
+            if protocol == "thrift":
+                # Thrift routes are validated by the Thrift listener (issue 3).
+                r.problem("thrift listeners are not supported yet")
+                raise _Invalid
+            mm = r.mapping(m["match"], ("prefix", "path", "headers"))
+            prefix = r.value(mm, "prefix", _path_string, None)
+            path = r.value(mm, "path", _path_string, None)
+            if prefix is not None and path is not None:
+                r.problem("give prefix or path, not both")
+            headers: list[tuple[int, HeaderMatch]] = []
+            if "headers" in mm:
+                with r.at("headers"):
+                    headers = r.each(mm["headers"], lambda _, h: _header_match(r, h))
+            match = RouteMatch(prefix=prefix, path=path, headers=tuple(h for _, h in headers))
+    return Route(name=name, match=match, cluster=cluster, timeout=timeout)
+
+
+def _path_string(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.startswith("/"):
+        raise ValueError(f"expected a path starting with '/', got {raw!r}")
+    return raw
+
+
+def _header_match(r: _Reader, raw: object) -> HeaderMatch:
+    m = r.mapping(raw, ("name", "exact", "prefix", "present"), required=("name",))
+    name = r.value(m, "name", _string, "x").lower()
+    exact = r.value(m, "exact", _string, None)
+    prefix = r.value(m, "prefix", _string, None)
+    present = r.value(m, "present", _bool, None)
+    if sum(x is not None for x in (exact, prefix, present)) != 1:
+        r.problem("give exactly one of exact, prefix, present")
+    return HeaderMatch(name=name, exact=exact, prefix=prefix, present=present)
+
+
+def _filter(r: _Reader, raw: object) -> FilterSpec:
+    if not isinstance(raw, dict):
+        r.problem(f"expected a mapping with a name, got {_kind(raw)}")
+        raise _Invalid
+    if "name" not in raw:
+        r.problem("required key is missing", "name")
+        raise _Invalid
+    name = r.value(raw, "name", _string, "")
+    options = tuple((str(k), v) for k, v in raw.items() if k != "name")
+    return FilterSpec(name=name, options=options)
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A listener with the raw indexes of its routes and filters, for cross-checks."""
+
+    listener: Listener
+    route_index: tuple[int, ...]
+    filter_index: tuple[int, ...]
+
+
+def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
+    m = r.mapping(
+        raw,
+        ("name", "direction", "address", "protocol", "filters", "routes", "http2"),
+        required=("name", "direction", "address"),
+    )
+    name = r.value(m, "name", _string, f"listener{index}")
+    direction = r.value(m, "direction", _one_of(DIRECTIONS), "egress")
+    address = r.value(
+        m, "address", lambda v: parse_address(v, allow_port_zero=True), Address("tcp")
+    )
+    protocol = r.value(m, "protocol", _one_of(PROTOCOLS), "http2")
+    if protocol == "thrift":
+        r.problem("thrift listeners are not supported yet (issue 3)", "protocol")
+    filters: list[tuple[int, FilterSpec]] = []
+    if "filters" in m:
+        with r.at("filters"):
+            filters = r.each(m["filters"], lambda _, f: _filter(r, f))
+    routes: list[tuple[int, Route]] = []
+    if "routes" in m:
+        with r.at("routes"):
+            routes = r.each(m["routes"], lambda i, route: _route(r, route, name, i, protocol))
+    http2 = Http2Listener()
+    if "http2" in m:
+        with r.at("http2"):
+            http2 = _limits(r, m["http2"], Http2Listener)
+    listener = Listener(
+        name,
+        direction,
+        address,
+        protocol,
+        tuple(f for _, f in filters),
+        tuple(x for _, x in routes),
+        http2,
+    )
+    return _Parsed(listener, tuple(i for i, _ in routes), tuple(i for i, _ in filters))
+
+
+def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
+    m = r.mapping(
+        raw,
+        ("name", "protocol", "endpoints", "lb", "connect_timeout", "http2"),
+        required=("name", "endpoints"),
+    )
+    name = r.value(m, "name", _string, f"cluster{index}")
+    protocol = r.value(m, "protocol", _one_of(PROTOCOLS), "http2")
+    if protocol == "thrift":
+        r.problem("thrift clusters are not supported yet (issue 3)", "protocol")
+    endpoints: list[Address] = []
+    if "endpoints" in m:
+        with r.at("endpoints"):
+            raw_eps = m["endpoints"]
+            if isinstance(raw_eps, list) and not raw_eps:
+                r.problem("a cluster needs at least one endpoint")
+            for _, ep in r.each(raw_eps, lambda _, v: _endpoint(r, v)):
+                endpoints.append(ep)
+    lb = r.value(m, "lb", _one_of(LB_POLICIES), "round_robin")
+    connect_timeout = r.value(m, "connect_timeout", _positive_duration, 1.0)
+    http2 = Http2Cluster()
+    if "http2" in m:
+        with r.at("http2"):
+            http2 = _limits(r, m["http2"], Http2Cluster)
+    return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2)
+
+
+def _endpoint(r: _Reader, raw: object) -> Address:
+    try:
+        return parse_address(raw)
+    except ValueError as e:
+        r.problem(str(e))
+        raise _Invalid from None
+
+
+FilterValidator = Callable[[FilterSpec], None]
+
+
+def parse(raw: object, source: str, validate_filter: FilterValidator | None = None) -> Config:
+    """Build a Config from parsed YAML, or raise ConfigError with every problem."""
+    r = _Reader(source)
+    try:
+        top = r.mapping(
+            raw,
+            ("node", "admin", "access_log", "listeners", "clusters", "drain_timeout"),
+            required=("listeners",),
+        )
+    except _Invalid:
+        raise ConfigError(r.problems) from None
+    node, admin, access_log = Node(), Admin(), AccessLog()
+    if "node" in top:
+        with r.at("node"):
+            try:
+                m = r.mapping(top["node"], ("service", "unit"))
+                node = Node(
+                    r.value(m, "service", _string, "meshproxy"), r.value(m, "unit", _string, "")
+                )
+            except _Invalid:
+                pass
+    if "admin" in top:
+        with r.at("admin"):
+            try:
+                m = r.mapping(top["admin"], ("address",))
+                admin = Admin(
+                    r.value(
+                        m,
+                        "address",
+                        lambda v: parse_address(v, allow_port_zero=True),
+                        admin.address,
+                    )
+                )
+            except _Invalid:
+                pass
+    if "access_log" in top:
+        with r.at("access_log"):
+            try:
+                m = r.mapping(top["access_log"], ("enabled", "path"))
+                access_log = AccessLog(
+                    r.value(m, "enabled", _bool, False), r.value(m, "path", _string, "stdout")
+                )
+            except _Invalid:
+                pass
+    drain_timeout = r.value(top, "drain_timeout", parse_duration, 10.0)
+
+    clusters: list[tuple[int, Cluster]] = []
+    if "clusters" in top:
+        with r.at("clusters"):
+            clusters = r.each(top["clusters"], lambda i, c: _cluster(r, c, i))
+    parsed: list[tuple[int, _Parsed]] = []
+    if "listeners" in top:
+        with r.at("listeners"):
+            parsed = r.each(top["listeners"], lambda i, lst: _listener(r, lst, i))
+
+    _cross_check(r, parsed, clusters, validate_filter)
+    if r.problems:
+        raise ConfigError(r.problems)
+    listeners = [p.listener for _, p in parsed]
+    clusters_only = [c for _, c in clusters]
+    by_name = {c.name: c for c in clusters_only}
+    return Config(
+        source,
+        node,
+        admin,
+        access_log,
+        tuple(listeners),
+        tuple(clusters_only),
+        drain_timeout,
+        by_name,
+    )
+
+
+def _cross_check(
+    r: _Reader,
+    listeners: list[tuple[int, _Parsed]],
+    clusters: list[tuple[int, Cluster]],
+    validate_filter: FilterValidator | None,
+) -> None:
+    known = [c.name for _, c in clusters]
+    _duplicates(r, "clusters", [(i, c.name) for i, c in clusters])
+    _duplicates(r, "listeners", [(i, p.listener.name) for i, p in listeners])
+    seen_addresses: dict[Address, str] = {}
+    for li, p in listeners:
+        lst = p.listener
+        if lst.address.port != 0 or lst.address.kind == "unix":
+            other = seen_addresses.setdefault(lst.address, lst.name)
+            if other != lst.name:
+                r.problem(
+                    f"address {lst.address} is also used by listener '{other}'",
+                    f"listeners[{li}].address",
+                )
+        for ri, route in zip(p.route_index, lst.routes, strict=True):
+            if route.cluster and route.cluster not in known:
+                r.problem(
+                    f"unknown cluster '{route.cluster}' (known: {', '.join(known) or 'none'})",
+                    f"listeners[{li}].routes[{ri}].cluster",
+                )
+        if validate_filter is None:
+            continue
+        for fi, spec in zip(p.filter_index, lst.filters, strict=True):
+            try:
+                validate_filter(spec)
+            except FilterOptionError as e:
+                key = f"listeners[{li}].filters[{fi}]" + (f".{e.key}" if e.key else "")
+                r.problem(e.message, key)
+
+
+def _duplicates(r: _Reader, section: str, names: list[tuple[int, str]]) -> None:
+    seen: set[str] = set()
+    for i, n in names:
+        if n in seen:
+            r.problem(f"duplicate name '{n}'", f"{section}[{i}].name")
+        seen.add(n)
+
+
+class FilterOptionError(Exception):
+    """A filter's options are wrong: `key` is the option (may be empty)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+def load(path: str, validate_filter: FilterValidator | None = None) -> Config:
+    """Read and parse a config file; ConfigError (one line per problem) on failure."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"{path}: {where}invalid YAML: {problem}"]) from None
+    if raw is None:
+        raise ConfigError([f"{path}: the file is empty"])
+    if validate_filter is None:
+        from meshproxy.filters import validate_spec
+
+        validate_filter = validate_spec
+    return parse(raw, path, validate_filter)

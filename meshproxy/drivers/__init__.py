@@ -1,0 +1,1 @@
+"""Trio drivers: the only code that awaits sockets."""

@@ -1,0 +1,72 @@
+"""Typed failures, each carrying the reply it becomes at the edge.
+
+Knows: which phase failed and what that means for HTTP and gRPC. Must not:
+render bytes (drivers do that, once, per protocol).
+"""
+
+from __future__ import annotations
+
+from meshproxy.codec import grpc
+
+
+class ProxyError(Exception):
+    """Base: a failure that becomes a local reply (or a reset, if the reply started)."""
+
+    http_status = 500
+    grpc_status = grpc.INTERNAL
+    reason = "internal"  # bounded metric label value
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.reason)
+        self.message = message or self.reason
+
+
+class NoRoute(ProxyError):
+    http_status, grpc_status, reason = 404, grpc.UNIMPLEMENTED, "no_route"
+
+
+class Denied(ProxyError):
+    http_status, grpc_status, reason = 403, grpc.PERMISSION_DENIED, "denied"
+
+
+class RateLimited(ProxyError):
+    http_status, grpc_status, reason = 429, grpc.RESOURCE_EXHAUSTED, "rate_limited"
+
+
+class UpstreamUnavailable(ProxyError):
+    http_status, grpc_status, reason = 503, grpc.UNAVAILABLE, "upstream_unavailable"
+
+
+class UpstreamOverflow(ProxyError):
+    """Every connection to the cluster is full and the wait queue is too."""
+
+    http_status, grpc_status, reason = 503, grpc.UNAVAILABLE, "upstream_overflow"
+
+
+class UpstreamReset(ProxyError):
+    http_status, grpc_status, reason = 503, grpc.UNAVAILABLE, "upstream_reset"
+
+    def __init__(self, message: str = "", error_code: int = 0) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+class UpstreamProtocolError(ProxyError):
+    http_status, grpc_status, reason = 502, grpc.INTERNAL, "upstream_protocol_error"
+
+
+class UpstreamTimeout(ProxyError):
+    http_status, grpc_status, reason = 504, grpc.DEADLINE_EXCEEDED, "timeout"
+
+
+class FaultInjected(ProxyError):
+    reason = "fault"
+
+    def __init__(self, http_status: int, grpc_status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.grpc_status = grpc_status
+
+
+class DownstreamReset(Exception):
+    """The client went away or reset the stream: nothing to answer."""

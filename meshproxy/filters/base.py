@@ -1,0 +1,159 @@
+"""The filter interface and the chain that runs filters in order.
+
+Knows: Call, Response, local replies. Must not: import codecs or drivers, or
+do I/O except through clients injected at construction.
+
+A filter is a class with up to three hooks, each optional:
+
+* ``on_request(call)`` returns ``CONTINUE`` or a ``Respond`` (answer locally,
+  e.g. deny, shed, fault); it may set ``call.cluster`` to pick the target, or
+  change ``call.headers``. It may also raise a ``meshproxy.errors.ProxyError``.
+* ``on_response(call, response)`` runs in reverse order once the upstream
+  (or a local reply) answered; it may change ``response.headers``.
+* body chunks: append a callable to ``call.request_observers`` or
+  ``call.response_observers`` in ``on_request`` to see each chunk as it is
+  forwarded, without buffering the body.
+
+``from_options(options)`` builds the filter from its config mapping (every
+key of the filter's entry but ``name``); it raises ``FilterOptionError`` for a
+bad option, which the config loader reports with its key path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from meshproxy.call import Call, Headers, Response
+from meshproxy.config import FilterOptionError
+
+__all__ = ["CONTINUE", "Chain", "Continue", "Filter", "FilterOptionError", "Options", "Respond"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    pass
+
+
+CONTINUE = Continue()
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """Answer the call locally. For gRPC calls the reply is trailers-only with
+    ``grpc_status`` (derived from ``status`` when None) and ``message``."""
+
+    status: int
+    message: str = ""
+    grpc_status: int | None = None
+    headers: Headers = field(default_factory=list)
+    reason: str = "filter"  # metric label: keep it to a small fixed set per filter
+
+
+class Filter:
+    """Base class; override the hooks you need (the chain skips the others)."""
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Filter:
+        Options(options).done()
+        return cls()
+
+    async def on_request(self, call: Call) -> Continue | Respond:
+        return CONTINUE
+
+    async def on_response(self, call: Call, response: Response) -> None:
+        return None
+
+
+class Options:
+    """Reads a filter's options: typed getters, and unknown keys are errors."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self._raw = raw
+        self._seen: set[str] = set()
+
+    def get(self, key: str, parse: Callable[[Any], T], default: T) -> T:
+        self._seen.add(key)
+        if key not in self._raw:
+            return default
+        try:
+            return parse(self._raw[key])
+        except ValueError as e:
+            raise FilterOptionError(key, str(e)) from None
+
+    def section(self, key: str) -> Options:
+        self._seen.add(key)
+        value = self._raw.get(key, {})
+        if not isinstance(value, dict):
+            raise FilterOptionError(key, "expected a mapping")
+        return _Nested(value, key)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._raw) - self._seen)
+        if unknown:
+            expected = ", ".join(sorted(self._seen)) or "none"
+            raise FilterOptionError(unknown[0], f"unknown option (expected: {expected})")
+
+
+class _Nested(Options):
+    def __init__(self, raw: dict[str, Any], prefix: str) -> None:
+        super().__init__(raw)
+        self._prefix = prefix
+
+    def get(self, key: str, parse: Callable[[Any], T], default: T) -> T:
+        try:
+            return super().get(key, parse, default)
+        except FilterOptionError as e:
+            raise FilterOptionError(f"{self._prefix}.{e.key}", e.message) from None
+
+    def done(self) -> None:
+        try:
+            super().done()
+        except FilterOptionError as e:
+            raise FilterOptionError(f"{self._prefix}.{e.key}", e.message) from None
+
+
+def _overrides(f: Filter, hook: str) -> bool:
+    return getattr(type(f), hook) is not getattr(Filter, hook)
+
+
+class Chain:
+    """Runs request hooks in order and response hooks in reverse order.
+
+    Hooks a filter does not override are not called at all, so a chain of
+    filters that only look at requests costs nothing on responses.
+    """
+
+    __slots__ = ("_request", "_response", "filters")
+
+    def __init__(self, filters: list[Filter]) -> None:
+        self.filters = tuple(filters)
+        self._request = tuple(
+            (i, f.on_request) for i, f in enumerate(filters) if _overrides(f, "on_request")
+        )
+        self._response = tuple(
+            (i, f.on_response) for i, f in reversed(list(enumerate(filters)))
+            if _overrides(f, "on_response")
+        )
+
+    async def on_request(self, call: Call) -> tuple[Respond | None, int]:
+        """Run request hooks; (the local reply or None, how many filters ran)."""
+        for i, hook in self._request:
+            verdict = await hook(call)
+            if verdict is not CONTINUE and isinstance(verdict, Respond):
+                return verdict, i + 1
+        return None, len(self.filters)
+
+    async def on_response(self, call: Call, response: Response, ran: int) -> None:
+        """Response hooks of the filters that saw the request, last first."""
+        for i, hook in self._response:
+            if i < ran:
+                await hook(call, response)
+
+    def __repr__(self) -> str:
+        return f"<Chain {[type(f).__name__ for f in self.filters]}>"

@@ -1,0 +1,153 @@
+"""A listening socket and its downstream connections.
+
+Knows: binding (TCP and unix sockets), accepting, the set of live
+connections, draining them. Must not: know what a call does (the proxy's
+handler does) or which direction it serves beyond the metric label.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+
+import trio
+
+from meshproxy.config import Listener as ListenerConfig
+from meshproxy.drivers.h2 import ServerLink
+from meshproxy.drivers.transport import Transport
+from meshproxy.metrics import Metrics
+from meshproxy.proxy import HttpProxy, ListenerState
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 1024
+# Out of file descriptors: wait this long before accepting again (trio's
+# serve_listeners does the same), rather than spinning.
+ACCEPT_PAUSE_ON_EMFILE = 0.1
+_EMFILE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def bind(config: ListenerConfig) -> socket.socket:
+    a = config.address
+    if a.kind == "unix":
+        try:
+            if stat.S_ISSOCK(os.stat(a.path).st_mode):
+                os.unlink(a.path)  # a stale socket from an earlier run
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(a.path)
+    else:
+        family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((a.host, a.port))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+class ListenerRuntime:
+    def __init__(self, config: ListenerConfig, state: ListenerState, metrics: Metrics) -> None:
+        self.config = config
+        self.proxy = HttpProxy(state)
+        self.metrics = metrics
+        self.links: set[ServerLink] = set()
+        self.bound = ""
+        self._sock: socket.socket | None = None
+        self._accepting = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.config.name} {self.bound} connections={len(self.links)}>"
+
+    def swap(self, config: ListenerConfig, state: ListenerState) -> None:
+        """New calls use the new state; calls in flight keep the one they began with."""
+        self.config = config
+        self.proxy.state = state
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = self._sock = bind(self.config)
+        name = sock.getsockname()
+        self.bound = f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self.bound)
+                with self._accepting:
+                    await self._accept_loop(sock, nursery)
+        finally:
+            sock.close()
+            if self.config.address.kind == "unix":
+                try:
+                    os.unlink(self.config.address.path)
+                except OSError:
+                    pass
+
+    async def _accept_loop(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in _EMFILE:
+                        log.error("listener %s: accept: %s; pausing", self.config.name, os.strerror(e.errno or 0))
+                        await trio.sleep(ACCEPT_PAUSE_ON_EMFILE)
+                        break
+                    raise
+                nursery.start_soon(self._connection, conn)
+
+    async def _connection(self, sock: socket.socket) -> None:
+        c = self.config
+        h = c.http2
+        name = c.name
+        m = self.metrics
+        try:
+            transport = Transport(sock, h.write_timeout)
+        except OSError:
+            sock.close()
+            return
+        errors = m.downstream_protocol_errors
+        link = ServerLink(
+            transport,
+            handler=self.proxy.handle,
+            max_concurrent_streams=h.max_concurrent_streams,
+            max_header_list_size=h.max_header_list_size,
+            stream_window=h.stream_window,
+            connection_window=h.connection_window,
+            keepalive_interval=h.keepalive_interval,
+            keepalive_timeout=h.keepalive_timeout,
+            idle_timeout=h.idle_timeout,
+            on_protocol_error=lambda scope: m.child(errors, name, scope).inc(),
+        )
+        self.links.add(link)
+        active = m.child(m.downstream_connections_active, name)
+        m.child(m.downstream_connections, name).inc()
+        active.inc()
+        try:
+            await link.serve()
+        except Exception:
+            log.exception("listener %s: connection from %s failed", name, transport.peer)
+        finally:
+            active.dec()
+            self.links.discard(link)
+            transport.close()
+
+    def stop_accepting(self) -> None:
+        self._accepting.cancel()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, GOAWAY every connection, wait for calls to finish (bounded)."""
+        self.stop_accepting()
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for link in list(self.links):
+                    nursery.start_soon(link.close_gracefully, "draining", timeout)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()

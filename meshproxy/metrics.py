@@ -1,0 +1,133 @@
+"""Every metric meshproxy exports, declared once, on an injected registry.
+
+Names follow Prometheus conventions (meshproxy_*, base units, _total); label
+names follow Istio's standard metrics where one fits (response_code,
+grpc_response_status, destination_service, source_workload). Label values are
+bounded: listener, route and cluster names from the config, status codes,
+and fixed reason strings; never a raw path, a peer address or an id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from meshproxy import __version__
+
+# Request latency buckets in seconds: sub-millisecond for a local sidecar hop
+# up to the 15 s default route timeout.
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    request_duration: Histogram
+    request_bytes: Counter
+    response_bytes: Counter
+    local_replies: Counter
+    downstream_connections_active: Gauge
+    downstream_connections: Counter
+    downstream_streams_active: Gauge
+    downstream_protocol_errors: Counter
+    upstream_connections_active: Gauge
+    upstream_connections: Counter
+    upstream_streams_active: Gauge
+    upstream_connect_failures: Counter
+    upstream_protocol_errors: Counter
+    config_version: Gauge
+    config_reloads: Counter
+    config_last_reload_success: Gauge
+    access_log_dropped: Counter
+    # prometheus_client's .labels() hashes and validates on every call; the
+    # label sets are bounded, so the children are cached here.
+    _children: dict[Any, Any]
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, source_workload: str = "") -> Metrics:
+        r = registry
+        Info("meshproxy_build", "meshproxy version", registry=r).info({"version": __version__})
+        call_labels = ("listener", "direction", "route", "destination_service")
+        return cls(
+            registry=r,
+            requests=Counter(
+                "meshproxy_requests", "Calls handled, by outcome",
+                (*call_labels, "response_code", "grpc_response_status"), registry=r,
+            ),
+            request_duration=Histogram(
+                "meshproxy_request_duration_seconds", "Call duration, first byte in to last byte out",
+                call_labels, buckets=DURATION_BUCKETS, registry=r,
+            ),
+            request_bytes=Counter(
+                "meshproxy_request_bytes", "Request body bytes received", ("listener",), registry=r,
+            ),
+            response_bytes=Counter(
+                "meshproxy_response_bytes", "Response body bytes sent", ("listener",), registry=r,
+            ),
+            local_replies=Counter(
+                "meshproxy_local_replies", "Calls answered by the proxy itself, by reason",
+                ("listener", "reason"), registry=r,
+            ),
+            downstream_connections_active=Gauge(
+                "meshproxy_downstream_connections_active", "Open downstream connections",
+                ("listener",), registry=r,
+            ),
+            downstream_connections=Counter(
+                "meshproxy_downstream_connections", "Downstream connections accepted",
+                ("listener",), registry=r,
+            ),
+            downstream_streams_active=Gauge(
+                "meshproxy_downstream_streams_active", "Calls in flight", ("listener",), registry=r,
+            ),
+            downstream_protocol_errors=Counter(
+                "meshproxy_downstream_protocol_errors",
+                "Downstream protocol violations (stream or connection errors sent)",
+                ("listener", "scope"), registry=r,
+            ),
+            upstream_connections_active=Gauge(
+                "meshproxy_upstream_connections_active", "Open upstream connections",
+                ("destination_service",), registry=r,
+            ),
+            upstream_connections=Counter(
+                "meshproxy_upstream_connections", "Upstream connections opened",
+                ("destination_service",), registry=r,
+            ),
+            upstream_streams_active=Gauge(
+                "meshproxy_upstream_streams_active", "Upstream streams open",
+                ("destination_service",), registry=r,
+            ),
+            upstream_connect_failures=Counter(
+                "meshproxy_upstream_connect_failures", "Failed upstream connection attempts",
+                ("destination_service",), registry=r,
+            ),
+            upstream_protocol_errors=Counter(
+                "meshproxy_upstream_protocol_errors", "Upstream protocol violations",
+                ("destination_service",), registry=r,
+            ),
+            config_version=Gauge(
+                "meshproxy_config_version", "Number of the live config (1 = loaded at start)",
+                registry=r,
+            ),
+            config_reloads=Counter(
+                "meshproxy_config_reloads", "Config reload attempts", ("result",), registry=r,
+            ),
+            config_last_reload_success=Gauge(
+                "meshproxy_config_last_reload_success", "1 if the last reload succeeded", registry=r,
+            ),
+            access_log_dropped=Counter(
+                "meshproxy_access_log_dropped", "Access log lines dropped (buffer full)", registry=r,
+            ),
+            _children={},
+        )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c

@@ -1,0 +1,407 @@
+"""HTTP/2 proxying of one call: filters, route, upstream stream, both bodies.
+
+Knows: how a downstream stream becomes a Call, runs the chain, gets its
+upstream stream from a cluster and is answered; how failures become replies
+(the one place errors are rendered for HTTP/2 and gRPC). Must not: parse
+frames (the driver does) or choose endpoints (the cluster does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import trio
+from h2.errors import ErrorCodes
+
+from meshproxy.accesslog import AccessLog
+from meshproxy.call import Call, Headers, Peer, Protocol, Response
+from meshproxy.codec import grpc
+from meshproxy.config import Listener as ListenerConfig
+from meshproxy.drivers.h2 import ServerLink, Stream, StreamReset
+from meshproxy.errors import (
+    FaultInjected,
+    NoRoute,
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from meshproxy.filters.base import Chain, Respond
+from meshproxy.metrics import Metrics
+from meshproxy.router import Router
+from meshproxy.upstream.cluster import Cluster
+
+log = logging.getLogger(__name__)
+
+_STATUS = {code: str(code).encode() for code in range(100, 600)}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerState:
+    """What one listener's calls use; a reload swaps in a new one atomically.
+
+    A call takes the state current when it starts and keeps it to the end.
+    """
+
+    config: ListenerConfig
+    router: Router
+    chain: Chain
+    clusters: dict[str, Cluster]
+    access_log: AccessLog
+    metrics: Metrics
+
+
+class _Outcome:
+    """What happened to one call, for metrics and the access log."""
+
+    __slots__ = ("bytes_out", "grpc_status", "reason", "response_started", "status", "upstream")
+
+    def __init__(self) -> None:
+        self.status = 0  # 0: no response sent (client went away first)
+        self.grpc_status = ""
+        self.response_started = False
+        self.reason = ""
+        self.bytes_out = 0
+        self.upstream = ""
+
+
+class HttpProxy:
+    """The call handler of one HTTP/2 listener."""
+
+    def __init__(self, state: ListenerState) -> None:
+        self.state = state
+        self._ids = 0
+
+    async def handle(self, link: ServerLink, stream: Stream, raw: Headers) -> None:
+        state = self.state
+        metrics = state.metrics
+        name = state.config.name
+        now = trio.current_time()
+        method = path = authority = b""
+        scheme = b"http"
+        headers: Headers = []
+        content_type = grpc_timeout = request_id = None
+        for k, v in raw:
+            if k[0] == 58:  # b":"
+                if k == b":method":
+                    method = v
+                elif k == b":path":
+                    path = v
+                elif k == b":authority":
+                    authority = v
+                elif k == b":scheme":
+                    scheme = v
+                continue
+            if k == b"content-type":
+                content_type = v
+            elif k == b"grpc-timeout":
+                grpc_timeout = v
+                continue  # re-sent below with the time left
+            elif k == b"x-request-id":
+                request_id = v
+            elif k == b"host":
+                # RFC 9113 8.3.1: :authority wins over Host; forward one of them.
+                if not authority:
+                    authority = v
+                continue
+            headers.append((k, v))
+        if request_id is None:
+            request_id = os.urandom(16).hex().encode()
+            headers.append((b"x-request-id", request_id))
+        is_grpc = grpc.is_grpc_content_type(content_type)
+        deadline = math.inf
+        if grpc_timeout is not None:
+            seconds = grpc.parse_timeout(grpc_timeout)
+            if seconds is not None:
+                deadline = now + seconds
+        self._ids += 1
+        call = Call(
+            id=self._ids,
+            protocol=Protocol.GRPC if is_grpc else Protocol.HTTP2,
+            peer=Peer(link.transport.peer),
+            listener=name,
+            direction=state.config.direction,
+            authority=authority.decode("latin-1"),
+            method=method.decode("latin-1"),
+            path=path.decode("latin-1"),
+            headers=headers,
+            body=stream,
+            start=now,
+            deadline=deadline,
+            scheme=scheme.decode("latin-1"),
+            request_id=request_id.decode("latin-1"),
+        )
+        out = _Outcome()
+        active = metrics.child(metrics.downstream_streams_active, name)
+        active.inc()
+        try:
+            with trio.move_on_at(call.deadline) as deadline_scope:
+                try:
+                    await self._proxy(call, link, stream, state, out, deadline_scope)
+                except ProxyError as e:
+                    await self._fail(call, link, stream, out, e)
+                except StreamReset as e:
+                    await self._upstream_reset(call, link, stream, out, e)
+            if deadline_scope.cancelled_caught:
+                await self._timed_out(call, link, stream, out)
+        except Exception:
+            log.exception("call %s on listener %s failed", call.request_id, name)
+            out.reason = out.reason or "internal_error"
+            if not out.response_started:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await self._reply(call, link, stream, out, 500, grpc.INTERNAL, "internal proxy error")
+        finally:
+            active.dec()
+            self._record(call, stream, out, state)
+
+    async def _proxy(
+        self,
+        call: Call,
+        link: ServerLink,
+        stream: Stream,
+        state: ListenerState,
+        out: _Outcome,
+        deadline_scope: trio.CancelScope,
+    ) -> None:
+        route = state.router.match(call.path, call.headers)
+        if route is not None:
+            call.route = route
+            call.cluster = route.cluster
+            if route.timeout > 0:
+                call.deadline = min(call.deadline, call.start + route.timeout)
+                deadline_scope.deadline = call.deadline
+        respond, ran = await state.chain.on_request(call)
+        deadline_scope.deadline = call.deadline  # a filter may have shortened it
+        if respond is not None:
+            await self._filter_reply(call, link, stream, out, respond, ran, state.chain)
+            return
+        if call.cluster is None:
+            raise NoRoute(f"no route for {call.path}")
+        cluster = state.clusters.get(call.cluster)
+        if cluster is None:
+            raise UpstreamUnavailable(f"unknown cluster '{call.cluster}'")
+
+        up_headers: Headers = [
+            (b":method", call.method.encode("latin-1")),
+            (b":scheme", call.scheme.encode("latin-1")),
+            (b":authority", call.authority.encode("latin-1")),
+            (b":path", call.path.encode("latin-1")),
+        ]
+        up_headers += call.headers
+        if call.deadline != math.inf and call.is_grpc:
+            # gRPC spec: propagate the deadline, less the time already spent.
+            up_headers.append((b"grpc-timeout", grpc.format_timeout(call.deadline - trio.current_time())))
+        body = call.body
+        end_on_headers = stream.ended and not stream.chunks and body is stream
+        pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers)
+        out.upstream = pool.name
+        call.upstream_address = pool.name
+        try:
+            async with trio.open_nursery() as nursery:
+                if not end_on_headers:
+                    if stream.ended and body is stream:
+                        # Whole body already here (a unary call): no task needed.
+                        await _pump(call, body, ulink, ustream, call.request_observers)
+                    else:
+                        nursery.start_soon(_pump_request, call, body, ulink, ustream)
+                head = await ustream.wait_head()
+                status = int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
+                response = Response(status, [(k, v) for k, v in head if k[0] != 58], ustream)
+                await state.chain.on_response(call, response, len(state.chain.filters))
+                down: Headers = [(b":status", _STATUS.get(response.status) or str(response.status).encode())]
+                down += response.headers
+                out.status = response.status
+                end = ustream.ended and not ustream.chunks and ustream.trailers is None
+                if end and call.is_grpc:
+                    out.grpc_status = _grpc_status(response.headers)
+                link.send_headers(stream, down, end)
+                out.response_started = True
+                if not end:
+                    out.bytes_out = await _pump(call, ustream, link, stream, call.response_observers)
+                    if call.is_grpc and ustream.trailers is not None:
+                        out.grpc_status = _grpc_status(ustream.trailers)
+                nursery.cancel_scope.cancel()  # the response is whole: stop sending the request
+        finally:
+            if ustream.done:
+                ulink.forget(ustream)
+            else:
+                ulink.reset(ustream, ErrorCodes.CANCEL)
+            cluster.stream_done(pool)
+
+    # -- failures, rendered once per protocol
+
+    async def _fail(self, call: Call, link: ServerLink, stream: Stream, out: _Outcome, e: ProxyError) -> None:
+        out.reason = e.reason
+        if out.response_started:
+            link.reset(stream, ErrorCodes.INTERNAL_ERROR)
+            return
+        self.state.metrics.child(self.state.metrics.local_replies, call.listener, e.reason).inc()
+        await self._reply(call, link, stream, out, e.http_status, e.grpc_status, e.message)
+
+    async def _upstream_reset(self, call: Call, link: ServerLink, stream: Stream, out: _Outcome, e: StreamReset) -> None:
+        if stream.reset_code is not None:
+            return  # the client reset first; nothing to tell it
+        if not out.response_started:
+            if e.code == ErrorCodes.PROTOCOL_ERROR:
+                await self._fail(call, link, stream, out, UpstreamProtocolError("upstream protocol error"))
+                return
+            if e.code in (ErrorCodes.REFUSED_STREAM, ErrorCodes.CONNECT_ERROR):
+                err = UpstreamUnavailable(f"upstream {'refused the stream' if e.code == ErrorCodes.REFUSED_STREAM else 'connection lost'}")
+                await self._fail(call, link, stream, out, err)
+                return
+        # Anything else the upstream reset reaches the client as the same reset.
+        out.reason = "upstream_reset"
+        link.reset(stream, e.code)
+
+    async def _timed_out(self, call: Call, link: ServerLink, stream: Stream, out: _Outcome) -> None:
+        err = UpstreamTimeout("deadline exceeded")
+        out.reason = err.reason
+        self.state.metrics.child(self.state.metrics.local_replies, call.listener, err.reason).inc()
+        if not out.response_started:
+            await self._reply(call, link, stream, out, err.http_status, err.grpc_status, err.message)
+        elif call.is_grpc and not stream.sent_end:
+            out.grpc_status = str(grpc.DEADLINE_EXCEEDED)
+            link.send_headers(stream, grpc.status_trailers(grpc.DEADLINE_EXCEEDED, err.message), True)
+        else:
+            link.reset(stream, ErrorCodes.CANCEL)
+
+    async def _filter_reply(
+        self, call: Call, link: ServerLink, stream: Stream, out: _Outcome, r: Respond, ran: int, chain: Chain
+    ) -> None:
+        out.reason = r.reason
+        self.state.metrics.child(self.state.metrics.local_replies, call.listener, r.reason).inc()
+        grpc_status = r.grpc_status if r.grpc_status is not None else _grpc_for_http(r.status)
+        await self._reply(call, link, stream, out, r.status, grpc_status, r.message, list(r.headers), chain, ran)
+
+    async def _reply(
+        self,
+        call: Call,
+        link: ServerLink,
+        stream: Stream,
+        out: _Outcome,
+        status: int,
+        grpc_status: int,
+        message: str,
+        extra: Headers | None = None,
+        chain: Chain | None = None,
+        ran: int = 0,
+    ) -> None:
+        """A local reply: gRPC gets trailers-only with grpc-status; HTTP a text body."""
+        if stream.reset_code is not None or stream.sent_end:
+            return
+        if call.is_grpc:
+            headers = [(b"content-type", b"application/grpc"), *grpc.status_trailers(grpc_status, message)]
+            status_out = 200
+            body = b""
+        else:
+            body = message.encode("utf-8") + b"\n"
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+            status_out = status
+        headers += extra or ()
+        if chain is not None:
+            response = Response(status_out, headers, stream)
+            await chain.on_response(call, response, ran)
+            headers = response.headers
+        out.status = status_out
+        if call.is_grpc:
+            out.grpc_status = str(grpc_status)
+        out.response_started = True
+        link.send_headers(stream, [(b":status", _STATUS[status_out]), *headers], end=not body)
+        if body:
+            await link.send_data(stream, body, True)
+
+    def _record(self, call: Call, stream: Stream, out: _Outcome, state: ListenerState) -> None:
+        m = state.metrics
+        route = call.route.name if call.route is not None else "-"
+        cluster = call.cluster or "-"
+        labels = (call.listener, call.direction, route, cluster)
+        status = _STATUS.get(out.status, b"0").decode() if out.status else "0"
+        m.child(m.requests, *labels, status, out.grpc_status or "-").inc()
+        duration = trio.current_time() - call.start
+        m.child(m.request_duration, *labels).observe(duration)
+        if stream.received:
+            m.child(m.request_bytes, call.listener).inc(stream.received)
+        if out.bytes_out:
+            m.child(m.response_bytes, call.listener).inc(out.bytes_out)
+        if state.access_log.enabled:
+            traceparent = None
+            for k, v in call.headers:
+                if k == b"traceparent":
+                    traceparent = v.decode("latin-1")
+                    break
+            state.access_log.write({
+                "listener": call.listener,
+                "direction": call.direction,
+                "route": route,
+                "cluster": cluster,
+                "upstream": out.upstream or None,
+                "method": call.method,
+                "authority": call.authority,
+                "path": call.path,
+                "protocol": call.protocol.value,
+                "status": out.status,
+                "grpc_status": int(out.grpc_status) if out.grpc_status.isdigit() else None,
+                "reason": out.reason or None,
+                "duration_ms": round(duration * 1000, 3),
+                "bytes_in": stream.received,
+                "bytes_out": out.bytes_out,
+                "request_id": call.request_id,
+                "traceparent": traceparent,
+                "peer": call.peer.address,
+            })
+
+
+async def _pump(call: Call, source: Stream, link: ServerLink | object, target: Stream, observers: list) -> int:  # type: ignore[type-arg]
+    """Forward `source`'s body and trailers to `target`; returns the bytes sent.
+
+    Each chunk is acknowledged to its sender only when the next one is read,
+    i.e. after it was handed to the other side: end-to-end back-pressure.
+    """
+    send = target.link.send_data
+    sent = 0
+    while True:
+        chunk = await source.read()
+        if not chunk:
+            break
+        for observe in observers:
+            observe(call, chunk)
+        sent += len(chunk)
+        last = source.ended and not source.chunks and source.trailers is None
+        await send(target, chunk, last)
+        if last:
+            source.release()
+            return sent
+    source.release()
+    if source.trailers is not None:
+        target.link.send_headers(target, source.trailers, True)
+    else:
+        target.link.end_stream(target)
+    return sent
+
+
+async def _pump_request(call: Call, body: Stream, ulink: object, ustream: Stream) -> None:
+    try:
+        await _pump(call, body, ulink, ustream, call.request_observers)
+    except StreamReset:
+        # Either side reset: the response side sees it and answers for the call.
+        pass
+
+
+def _grpc_status(headers: Headers) -> str:
+    for k, v in headers:
+        if k == b"grpc-status":
+            return v.decode("latin-1")
+    return ""
+
+
+def _grpc_for_http(status: int) -> int:
+    # gRPC spec, "HTTP to gRPC Status Code Mapping".
+    return {400: grpc.INTERNAL, 401: grpc.UNAUTHENTICATED, 403: grpc.PERMISSION_DENIED,
+            404: grpc.UNIMPLEMENTED, 429: grpc.UNAVAILABLE, 502: grpc.UNAVAILABLE,
+            503: grpc.UNAVAILABLE, 504: grpc.UNAVAILABLE}.get(status, grpc.UNKNOWN)
+
+
+__all__ = ["FaultInjected", "HttpProxy", "ListenerState"]

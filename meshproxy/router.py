@@ -1,0 +1,70 @@
+"""Route matching: first route whose match holds wins.
+
+Knows: Route configs and a Call's path and headers. Must not: know clusters'
+state or protocols' wire formats.
+"""
+
+from __future__ import annotations
+
+from meshproxy.call import Headers
+from meshproxy.config import HeaderMatch, Route
+
+
+class _Compiled:
+    __slots__ = ("headers", "path", "prefix", "route")
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.prefix = route.match.prefix
+        self.path = route.match.path
+        self.headers = tuple(
+            (h.name.encode(), h.exact.encode() if h.exact is not None else None,
+             h.prefix.encode() if h.prefix is not None else None, h.present)
+            for h in route.match.headers
+        )
+
+
+class Router:
+    """Routes of one listener, compiled once per config snapshot."""
+
+    __slots__ = ("_routes",)
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self._routes = tuple(_Compiled(r) for r in routes)
+
+    def match(self, path: str, headers: Headers) -> Route | None:
+        for r in self._routes:
+            if r.path is not None:
+                # The query string is not part of an exact path match.
+                if path.partition("?")[0] != r.path:
+                    continue
+            elif r.prefix is not None and not path.startswith(r.prefix):
+                continue
+            if r.headers and not _headers_match(r.headers, headers):
+                continue
+            return r.route
+        return None
+
+
+def _headers_match(
+    rules: tuple[tuple[bytes, bytes | None, bytes | None, bool | None], ...], headers: Headers
+) -> bool:
+    for name, exact, prefix, present in rules:
+        value = None
+        for k, v in headers:
+            if k == name:
+                value = v
+                break
+        if present is not None:
+            if (value is not None) != present:
+                return False
+        elif value is None:
+            return False
+        elif exact is not None and value != exact:
+            return False
+        elif prefix is not None and not value.startswith(prefix):
+            return False
+    return True
+
+
+__all__ = ["HeaderMatch", "Router"]

@@ -1,0 +1,1 @@
+"""Clusters: endpoints, load balancing, pooled upstream connections."""

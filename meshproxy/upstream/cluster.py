@@ -1,0 +1,87 @@
+"""A cluster: its endpoints' pools and a load balancer; opens upstream streams.
+
+Knows: which endpoint to try next, and that a connect failure means trying
+another. Must not: know routes or filters.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from meshproxy.config import Cluster as ClusterConfig
+from meshproxy.drivers.h2 import ClientLink, Stream
+from meshproxy.errors import UpstreamUnavailable
+from meshproxy.metrics import Metrics
+from meshproxy.upstream import lb
+from meshproxy.upstream.pool import ConnectFailed, EndpointPool
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, nursery: trio.Nursery, metrics: Metrics) -> None:
+        self.config = config
+        self.name = config.name
+        self.pools = [
+            EndpointPool(config.name, a, config.http2, config.connect_timeout, nursery, metrics)
+            for a in config.endpoints
+        ]
+        self._lb = lb.make(config.lb)
+        self._streams_active = metrics.child(metrics.upstream_streams_active, config.name)
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name} {self.pools}>"
+
+    async def open_stream(self, headers: Headers, end: bool) -> tuple[EndpointPool, ClientLink, Stream]:
+        """Send request headers on a stream to some endpoint; UpstreamUnavailable if none takes it."""
+        tried: set[int] = set()
+        errors: list[str] = []
+        now = trio.current_time()
+        while len(tried) < len(self.pools):
+            i = self._lb.pick(self.pools, now, tried)
+            if i is None:
+                break
+            tried.add(i)
+            pool = self.pools[i]
+            try:
+                link = await pool.acquire()
+            except ConnectFailed as e:
+                errors.append(str(e))
+                continue
+            stream = link.start_stream(headers, end)
+            pool.active_requests += 1
+            self._streams_active.inc()
+            return pool, link, stream
+        detail = "; ".join(errors) or "no endpoints"
+        raise UpstreamUnavailable(f"cluster '{self.name}' has no reachable endpoint ({detail})")
+
+    def stream_done(self, pool: EndpointPool) -> None:
+        pool.active_requests -= 1
+        self._streams_active.dec()
+
+    def snapshot(self) -> dict[str, object]:
+        return {"name": self.name, "lb": self.config.lb, "endpoints": [p.snapshot() for p in self.pools]}
+
+    async def close(self, timeout: float) -> None:
+        async with trio.open_nursery() as nursery:
+            for pool in self.pools:
+                nursery.start_soon(pool.close, timeout)
+
+
+class ClusterManager:
+    """Owns every cluster; a reload reuses clusters whose config did not change."""
+
+    def __init__(self, nursery: trio.Nursery, metrics: Metrics) -> None:
+        self._nursery = nursery
+        self._metrics = metrics
+        self.clusters: dict[str, Cluster] = {}
+
+    def update(self, configs: tuple[ClusterConfig, ...]) -> tuple[dict[str, Cluster], list[Cluster]]:
+        """The clusters for a new config, and the old ones it no longer uses."""
+        new: dict[str, Cluster] = {}
+        for c in configs:
+            old = self.clusters.get(c.name)
+            new[c.name] = old if old is not None and old.config == c else Cluster(c, self._nursery, self._metrics)
+        retired = [c for name, c in self.clusters.items() if new.get(name) is not c]
+        self.clusters = new
+        return new, retired

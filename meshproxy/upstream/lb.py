@@ -1,0 +1,58 @@
+"""Load balancers: pure and seedable; they pick among endpoint states.
+
+Knows: how many requests each endpoint has in flight and whether it failed
+recently. Must not: do I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Pickable(Protocol):
+    active_requests: int
+
+    def healthy(self, now: float) -> bool: ...
+
+
+class RoundRobin:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        # Start at a random place so many sidecars do not all hit endpoint 0 first.
+        self._next = (rng or random.Random()).randrange(1 << 16)
+
+    def pick(self, items: Sequence[Pickable], now: float, exclude: set[int]) -> int | None:
+        n = len(items)
+        fallback = None
+        for _ in range(n):
+            i = self._next % n
+            self._next += 1
+            if i in exclude:
+                continue
+            if items[i].healthy(now):
+                return i
+            if fallback is None:
+                fallback = i
+        return fallback
+
+
+class LeastRequest:
+    """Power of two choices: pick two at random, take the one with fewer in flight."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def pick(self, items: Sequence[Pickable], now: float, exclude: set[int]) -> int | None:
+        candidates = [i for i in range(len(items)) if i not in exclude]
+        if not candidates:
+            return None
+        healthy = [i for i in candidates if items[i].healthy(now)] or candidates
+        if len(healthy) == 1:
+            return healthy[0]
+        a, b = self._rng.sample(healthy, 2)
+        return a if items[a].active_requests <= items[b].active_requests else b
+
+
+def make(policy: str, rng: random.Random | None = None) -> RoundRobin | LeastRequest:
+    return LeastRequest(rng) if policy == "least_request" else RoundRobin(rng)

@@ -1,0 +1,163 @@
+"""Pooled, multiplexed HTTP/2 connections to one endpoint.
+
+Knows: how many streams each connection takes (the peer's
+MAX_CONCURRENT_STREAMS), when to open another connection, when a connection
+is done for (GOAWAY, closed). Must not: route or retry calls.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from meshproxy.config import Http2Cluster
+from meshproxy.drivers.h2 import ClientLink
+from meshproxy.drivers.transport import Transport, connect
+from meshproxy.errors import UpstreamOverflow
+from meshproxy.metrics import Metrics
+from meshproxy.values import Address
+
+log = logging.getLogger(__name__)
+
+# After a failed connect, prefer other endpoints for this long (doubling per
+# consecutive failure up to the maximum), so one dead endpoint does not cost
+# every call a connect timeout.
+FAILURE_BACKOFF = 0.5
+FAILURE_BACKOFF_MAX = 30.0
+
+
+class ConnectFailed(Exception):
+    pass
+
+
+class EndpointPool:
+    def __init__(
+        self,
+        cluster: str,
+        address: Address,
+        options: Http2Cluster,
+        connect_timeout: float,
+        nursery: trio.Nursery,
+        metrics: Metrics,
+    ) -> None:
+        self.cluster = cluster
+        self.address = address
+        self.name = str(address)
+        self.options = options
+        self.connect_timeout = connect_timeout
+        self.links: list[ClientLink] = []
+        self.active_requests = 0
+        self.consecutive_failures = 0
+        self.retry_after = 0.0
+        self.last_error = ""
+        self.pending = 0
+        self._connecting = 0
+        self._capacity = trio.Event()
+        self._nursery = nursery
+        self._metrics = metrics
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<EndpointPool {self.name} links={len(self.links)} active={self.active_requests} "
+            f"failures={self.consecutive_failures}>"
+        )
+
+    def healthy(self, now: float) -> bool:
+        return now >= self.retry_after
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "address": self.name,
+            "healthy": self.healthy(trio.current_time()),
+            "active_requests": self.active_requests,
+            "connections": [
+                {"streams": len(link.streams), "max_streams": link.max_streams,
+                 "goaway": link.goaway_received}
+                for link in self.links
+            ],
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+        }
+
+    def _capacity_changed(self) -> None:
+        self._capacity.set()
+        self._capacity = trio.Event()
+
+    async def acquire(self) -> ClientLink:
+        """A connection with a free stream slot: an open one, a new one, or after a wait."""
+        while True:
+            best = None
+            for link in self.links:
+                if link.available > 0 and (best is None or len(link.streams) < len(best.streams)):
+                    best = link
+                    break
+            if best is not None:
+                return best
+            if len(self.links) + self._connecting < self.options.max_connections_per_endpoint:
+                return await self._connect()
+            if self.pending >= self.options.max_pending:
+                raise UpstreamOverflow(f"{self.name}: every connection is full and {self.pending} calls wait")
+            self.pending += 1
+            try:
+                await self._capacity.wait()
+            finally:
+                self.pending -= 1
+
+    async def _connect(self) -> ClientLink:
+        self._connecting += 1
+        child = self._metrics.child
+        try:
+            a = self.address
+            sock = await connect(self.name, a.kind, a.host, a.port, a.path, self.connect_timeout)
+        except (OSError, trio.TooSlowError) as e:
+            reason = "connect timeout" if isinstance(e, trio.TooSlowError) else (e.strerror or str(e))
+            self._failed(reason)
+            child(self._metrics.upstream_connect_failures, self.cluster).inc()
+            raise ConnectFailed(f"{self.name}: {reason}") from None
+        finally:
+            self._connecting -= 1
+        self.consecutive_failures = 0
+        self.retry_after = 0.0
+        o = self.options
+        link = ClientLink(
+            Transport(sock, o.write_timeout),
+            endpoint=self.name,
+            max_header_list_size=o.max_header_list_size,
+            stream_window=o.stream_window,
+            connection_window=o.connection_window,
+            keepalive_interval=o.keepalive_interval,
+            keepalive_timeout=o.keepalive_timeout,
+            idle_timeout=o.idle_timeout,
+            on_protocol_error=child(self._metrics.upstream_protocol_errors, self.cluster).inc,
+        )
+        link.capacity_changed = self._capacity_changed
+        self.links.append(link)
+        self._nursery.start_soon(self._run, link)
+        return link
+
+    def _failed(self, reason: str) -> None:
+        self.consecutive_failures += 1
+        self.last_error = reason
+        backoff = min(FAILURE_BACKOFF * 2 ** (self.consecutive_failures - 1), FAILURE_BACKOFF_MAX)
+        self.retry_after = trio.current_time() + backoff
+        log.warning("cluster %s: cannot connect to %s: %s", self.cluster, self.name, reason)
+
+    async def _run(self, link: ClientLink) -> None:
+        active = self._metrics.child(self._metrics.upstream_connections_active, self.cluster)
+        self._metrics.child(self._metrics.upstream_connections, self.cluster).inc()
+        active.inc()
+        try:
+            await link.run()
+        finally:
+            active.dec()
+            if link in self.links:
+                self.links.remove(link)
+            self._capacity_changed()
+
+    async def close(self, timeout: float) -> None:
+        self._closed = True
+        async with trio.open_nursery() as nursery:
+            for link in list(self.links):
+                nursery.start_soon(link.close_gracefully, "cluster removed", timeout)
