@@ -19,6 +19,7 @@ import textwrap
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import trio
 
 Headers = list[tuple[bytes, bytes]]
@@ -74,6 +75,13 @@ class ExampleBackend:
             self.requests.append(headers)
             with trio.CancelScope() as scope:
                 scopes[sid] = scope
+                try:
+                    await respond(sid, path, body)
+                except (h2.exceptions.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+        async def respond(sid: int, path: str, body: trio.MemoryReceiveChannel[bytes | None]) -> None:
+            if True:
                 if path == "/echo" or path.startswith("/echo?"):
                     conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/octet-stream")])
                     await flush()
@@ -105,7 +113,12 @@ class ExampleBackend:
                     data = await stream.receive_some(65536)
                     if not data:
                         break
-                    for event in conn.receive_data(data):
+                    try:
+                        events = conn.receive_data(data)
+                    except h2.exceptions.ProtocolError:
+                        await flush()
+                        break
+                    for event in events:
                         if isinstance(event, h2.events.RequestReceived):
                             send, recv = trio.open_memory_channel[bytes | None](64)
                             bodies[event.stream_id] = send

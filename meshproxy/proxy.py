@@ -17,7 +17,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from meshproxy.accesslog import AccessLog
-from meshproxy.call import Call, Headers, Peer, Protocol, Response
+from meshproxy.call import Call, ChunkObserver, Headers, Peer, Protocol, Response
 from meshproxy.codec import grpc
 from meshproxy.config import Listener as ListenerConfig
 from meshproxy.drivers.h2 import ServerLink, Stream, StreamReset
@@ -199,30 +199,20 @@ class HttpProxy:
         pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers)
         out.upstream = pool.name
         call.upstream_address = pool.name
+        failure: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
-                if not end_on_headers:
-                    if stream.ended and body is stream:
-                        # Whole body already here (a unary call): no task needed.
-                        await _pump(call, body, ulink, ustream, call.request_observers)
-                    else:
-                        nursery.start_soon(_pump_request, call, body, ulink, ustream)
-                head = await ustream.wait_head()
-                status = int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
-                response = Response(status, [(k, v) for k, v in head if k[0] != 58], ustream)
-                await state.chain.on_response(call, response, len(state.chain.filters))
-                down: Headers = [(b":status", _STATUS.get(response.status) or str(response.status).encode())]
-                down += response.headers
-                out.status = response.status
-                end = ustream.ended and not ustream.chunks and ustream.trailers is None
-                if end and call.is_grpc:
-                    out.grpc_status = _grpc_status(response.headers)
-                link.send_headers(stream, down, end)
-                out.response_started = True
-                if not end:
-                    out.bytes_out = await _pump(call, ustream, link, stream, call.response_observers)
-                    if call.is_grpc and ustream.trailers is not None:
-                        out.grpc_status = _grpc_status(ustream.trailers)
+                try:
+                    if not end_on_headers:
+                        if stream.ended and body is stream:
+                            # Whole body already here (a unary call): no task needed.
+                            await _pump(call, body, ustream, call.request_observers)
+                        else:
+                            nursery.start_soon(_pump_request, call, body, ustream)
+                    await self._respond(call, link, stream, ustream, state, out)
+                except (StreamReset, ProxyError) as e:
+                    # Raised from here, not from the nursery: no exception group.
+                    failure = e
                 nursery.cancel_scope.cancel()  # the response is whole: stop sending the request
         finally:
             if ustream.done:
@@ -230,6 +220,28 @@ class HttpProxy:
             else:
                 ulink.reset(ustream, ErrorCodes.CANCEL)
             cluster.stream_done(pool)
+        if failure is not None:
+            raise failure
+
+    async def _respond(
+        self, call: Call, link: ServerLink, stream: Stream, ustream: Stream, state: ListenerState, out: _Outcome
+    ) -> None:
+        head = await ustream.wait_head()
+        status = int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
+        response = Response(status, [(k, v) for k, v in head if k[0] != 58], ustream)
+        await state.chain.on_response(call, response, len(state.chain.filters))
+        down: Headers = [(b":status", _STATUS.get(response.status) or str(response.status).encode())]
+        down += response.headers
+        out.status = response.status
+        end = ustream.ended and not ustream.chunks and ustream.trailers is None
+        if end and call.is_grpc:
+            out.grpc_status = _grpc_status(response.headers)
+        link.send_headers(stream, down, end)
+        out.response_started = True
+        if not end:
+            out.bytes_out = await _pump(call, ustream, stream, call.response_observers)
+            if call.is_grpc and ustream.trailers is not None:
+                out.grpc_status = _grpc_status(ustream.trailers)
 
     # -- failures, rendered once per protocol
 
@@ -354,7 +366,7 @@ class HttpProxy:
             })
 
 
-async def _pump(call: Call, source: Stream, link: ServerLink | object, target: Stream, observers: list) -> int:  # type: ignore[type-arg]
+async def _pump(call: Call, source: Stream, target: Stream, observers: list[ChunkObserver]) -> int:
     """Forward `source`'s body and trailers to `target`; returns the bytes sent.
 
     Each chunk is acknowledged to its sender only when the next one is read,
@@ -382,9 +394,9 @@ async def _pump(call: Call, source: Stream, link: ServerLink | object, target: S
     return sent
 
 
-async def _pump_request(call: Call, body: Stream, ulink: object, ustream: Stream) -> None:
+async def _pump_request(call: Call, body: Stream, ustream: Stream) -> None:
     try:
-        await _pump(call, body, ulink, ustream, call.request_observers)
+        await _pump(call, body, ustream, call.request_observers)
     except StreamReset:
         # Either side reset: the response side sees it and answers for the call.
         pass

@@ -40,6 +40,7 @@ Headers = list[tuple[bytes, bytes]]
 # frames save per-frame work for big bodies.
 MAX_FRAME = 64 * 1024
 MAX_STREAM_ID = 2**31 - 1
+ASSUMED_MAX_STREAMS = 100
 
 
 class StreamReset(Exception):
@@ -197,24 +198,25 @@ class H2Link:
                 raise StreamReset(ErrorCodes.CONNECT_ERROR, "connection closed")
             try:
                 window = conn.local_flow_control_window(sid)
-            except h2.exceptions.StreamClosedError:
-                raise StreamReset(ErrorCodes.STREAM_CLOSED) from None
-            size = len(data)
-            if size <= window and size <= MAX_FRAME:
-                conn.send_data(sid, data, end_stream=end)
-                break
-            if window <= 0:
-                waiter = stream._window_waiter = trio.Event()
-                self._window_waiters.add(stream)
-                try:
-                    await waiter.wait()
-                finally:
-                    self._window_waiters.discard(stream)
-                continue
-            n = min(window, MAX_FRAME, conn.max_outbound_frame_size)
-            conn.send_data(sid, data[:n])
-            data = data[n:]
-            self.flush()
+                frame_max = conn.max_outbound_frame_size
+                size = len(data)
+                if size <= window and size <= frame_max:
+                    conn.send_data(sid, data, end_stream=end)
+                    break
+                if window > 0:
+                    n = min(window, frame_max)
+                    conn.send_data(sid, data[:n])
+                    data = data[n:]
+                    self.flush()
+                    continue
+            except h2.exceptions.ProtocolError as e:
+                raise StreamReset(ErrorCodes.STREAM_CLOSED, str(e)) from None
+            waiter = stream._window_waiter = trio.Event()
+            self._window_waiters.add(stream)
+            try:
+                await waiter.wait()
+            finally:
+                self._window_waiters.discard(stream)
         if end:
             stream.sent_end = True
         self.flush()
@@ -222,7 +224,12 @@ class H2Link:
             await self.transport.drained()
 
     def send_headers(self, stream: Stream, headers: Headers, end: bool) -> None:
-        self.conn.send_headers(stream.id, headers, end_stream=end)
+        if stream.reset_code is not None:
+            raise StreamReset(stream.reset_code)
+        try:
+            self.conn.send_headers(stream.id, headers, end_stream=end)
+        except h2.exceptions.ProtocolError as e:
+            raise StreamReset(ErrorCodes.STREAM_CLOSED, str(e)) from None
         stream.sent_head = True
         if end:
             stream.sent_end = True
@@ -230,7 +237,10 @@ class H2Link:
 
     def end_stream(self, stream: Stream) -> None:
         if not stream.sent_end and stream.reset_code is None:
-            self.conn.end_stream(stream.id)
+            try:
+                self.conn.end_stream(stream.id)
+            except h2.exceptions.ProtocolError as e:
+                raise StreamReset(ErrorCodes.STREAM_CLOSED, str(e)) from None
             stream.sent_end = True
             self.flush()
 
@@ -470,6 +480,9 @@ class ServerLink(H2Link):
             max_frame=MAX_FRAME,
         ))
         conn.initiate_connection()
+        # The settings were set as current values (not pending an ACK), so
+        # h2's copy of the frame size limit is set here too.
+        conn.max_inbound_frame_size = MAX_FRAME
         grow = connection_window - conn.inbound_flow_control_window
         if grow > 0:
             conn.increment_flow_control_window(grow)
@@ -578,6 +591,9 @@ class ClientLink(H2Link):
             max_frame=MAX_FRAME,
         ))
         conn.initiate_connection()
+        # The settings were set as current values (not pending an ACK), so
+        # h2's copy of the frame size limit is set here too.
+        conn.max_inbound_frame_size = MAX_FRAME
         grow = connection_window - conn.inbound_flow_control_window
         if grow > 0:
             conn.increment_flow_control_window(grow)
@@ -601,7 +617,14 @@ class ClientLink(H2Link):
 
     @property
     def max_streams(self) -> int:
-        return self.conn.remote_settings.max_concurrent_streams
+        limit: int = self.conn.remote_settings.max_concurrent_streams
+        if not self.settings_received.is_set():
+            # Until the server's SETTINGS arrive its limit is unknown (RFC 9113
+            # 6.5.2: "initially, there is no limit"); assume the 100 that
+            # section 6.5.2 recommends as a minimum, so a burst of calls on a
+            # new connection is not refused.
+            return min(limit, ASSUMED_MAX_STREAMS)
+        return limit
 
     @property
     def available(self) -> int:

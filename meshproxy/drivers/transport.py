@@ -84,7 +84,10 @@ class Transport:
                 return self.sock.recv(RECV_SIZE)
             except BlockingIOError:
                 self._reads = 0
-                await trio.lowlevel.wait_readable(self.sock)
+                try:
+                    await trio.lowlevel.wait_readable(self.sock)
+                except trio.ClosedResourceError:
+                    raise TransportClosed(self.closed_reason) from None
             except OSError as e:
                 self.close(f"recv: {errno.errorcode.get(e.errno or 0, e)}")
                 raise TransportClosed(self.closed_reason) from e
@@ -135,6 +138,8 @@ class Transport:
                         self._backlog_bytes = len(data) - sent
             except trio.TooSlowError:
                 self.close("write timeout")
+            except trio.ClosedResourceError:
+                pass
             except OSError as e:
                 self.close(f"send: {errno.errorcode.get(e.errno or 0, e)}")
             self._drained.set()
