@@ -17,7 +17,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from meshproxy.accesslog import AccessLog
-from meshproxy.call import Call, ChunkObserver, Headers, Peer, Protocol, Response
+from meshproxy.call import Body, Call, ChunkObserver, Headers, Peer, Protocol, Response
 from meshproxy.codec import grpc
 from meshproxy.config import Listener as ListenerConfig
 from meshproxy.drivers.h2 import ServerLink, Stream, StreamReset
@@ -35,6 +35,10 @@ from meshproxy.router import Router
 from meshproxy.upstream.cluster import Cluster
 
 log = logging.getLogger(__name__)
+
+# A GOAWAY can refuse many streams at once (nginx sends one every 1000
+# requests); each call is retried on another connection at most this often.
+MAX_REFUSED_RETRIES = 3
 
 _STATUS = {code: str(code).encode() for code in range(100, 600)}
 
@@ -138,14 +142,18 @@ class HttpProxy:
         active = metrics.child(metrics.downstream_streams_active, name)
         active.inc()
         try:
-            with trio.move_on_at(call.deadline) as deadline_scope:
-                try:
-                    await self._proxy(call, link, stream, state, out, deadline_scope)
-                except ProxyError as e:
-                    await self._fail(call, link, stream, out, e)
-                except StreamReset as e:
-                    await self._upstream_reset(call, link, stream, out, e)
-            if deadline_scope.cancelled_caught:
+            # One scope for the call: the deadline, and a client reset (the
+            # driver cancels `stream.scope`).
+            with trio.CancelScope(deadline=call.deadline) as scope:
+                stream.scope = scope
+                if stream.reset_code is None:
+                    try:
+                        await self._proxy(call, link, stream, state, out, scope)
+                    except ProxyError as e:
+                        await self._fail(call, link, stream, out, e)
+                    except StreamReset as e:
+                        await self._upstream_reset(call, link, stream, out, e)
+            if scope.cancelled_caught and stream.reset_code is None:
                 await self._timed_out(call, link, stream, out)
         except Exception:
             log.exception("call %s on listener %s failed", call.request_id, name)
@@ -170,11 +178,11 @@ class HttpProxy:
         if route is not None:
             call.route = route
             call.cluster = route.cluster
-            if route.timeout > 0:
-                call.deadline = min(call.deadline, call.start + route.timeout)
-                deadline_scope.deadline = call.deadline
+            if route.timeout > 0 and call.start + route.timeout < call.deadline:
+                call.deadline = deadline_scope.deadline = call.start + route.timeout
         respond, ran = await state.chain.on_request(call)
-        deadline_scope.deadline = call.deadline  # a filter may have shortened it
+        if deadline_scope.deadline != call.deadline:  # a filter may have changed it
+            deadline_scope.deadline = call.deadline
         if respond is not None:
             await self._filter_reply(call, link, stream, out, respond, ran, state.chain)
             return
@@ -195,33 +203,100 @@ class HttpProxy:
             # gRPC spec: propagate the deadline, less the time already spent.
             up_headers.append((b"grpc-timeout", grpc.format_timeout(call.deadline - trio.current_time())))
         body = call.body
-        end_on_headers = stream.ended and not stream.chunks and body is stream
-        pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers)
-        out.upstream = pool.name
-        call.upstream_address = pool.name
-        failure: Exception | None = None
+        replay: bytes | None = None
+        if body is stream and stream.ended:
+            # The whole request is here already (unary calls, GETs): keep it,
+            # so a stream the upstream refused unprocessed can be sent again.
+            replay = self._take_body(call, link, stream)
+        attempts = 0
+        while True:
+            end_on_headers = replay == b"" and stream.trailers is None
+            pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers)
+            out.upstream = call.upstream_address = pool.name
+            try:
+                if replay is None:
+                    failure = await self._exchange_streaming(call, link, stream, body, ustream, state, out)
+                else:
+                    failure = await self._exchange(call, link, stream, replay, end_on_headers, ustream, state, out)
+            finally:
+                if ustream.done:
+                    ulink.forget(ustream)
+                else:
+                    ulink.reset(ustream, ErrorCodes.CANCEL)
+                cluster.stream_done(pool)
+            # RFC 9113 8.7: a refused stream was not processed; safe to send again.
+            if (
+                isinstance(failure, StreamReset)
+                and failure.code == ErrorCodes.REFUSED_STREAM
+                and replay is not None
+                and not out.response_started
+                and attempts < MAX_REFUSED_RETRIES
+            ):
+                attempts += 1
+                continue
+            if failure is not None:
+                raise failure
+            return
+
+    async def _exchange(
+        self,
+        call: Call,
+        link: ServerLink,
+        stream: Stream,
+        replay: bytes,
+        end_on_headers: bool,
+        ustream: Stream,
+        state: ListenerState,
+        out: _Outcome,
+    ) -> Exception | None:
+        """A request held whole: send it, then relay the response. No extra task."""
         try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    if not end_on_headers:
-                        if stream.ended and body is stream:
-                            # Whole body already here (a unary call): no task needed.
-                            await _pump(call, body, ustream, call.request_observers)
-                        else:
-                            nursery.start_soon(_pump_request, call, body, ustream)
-                    await self._respond(call, link, stream, ustream, state, out)
-                except (StreamReset, ProxyError) as e:
-                    # Raised from here, not from the nursery: no exception group.
-                    failure = e
-                nursery.cancel_scope.cancel()  # the response is whole: stop sending the request
-        finally:
-            if ustream.done:
-                ulink.forget(ustream)
-            else:
-                ulink.reset(ustream, ErrorCodes.CANCEL)
-            cluster.stream_done(pool)
-        if failure is not None:
-            raise failure
+            if not end_on_headers:
+                if replay:
+                    await ustream.link.send_data(ustream, replay, end=stream.trailers is None)
+                if stream.trailers is not None:
+                    ustream.link.send_headers(ustream, stream.trailers, True)
+            await self._respond(call, link, stream, ustream, state, out)
+        except (StreamReset, ProxyError) as e:
+            return e
+        return None
+
+    async def _exchange_streaming(
+        self,
+        call: Call,
+        link: ServerLink,
+        stream: Stream,
+        body: Body,
+        ustream: Stream,
+        state: ListenerState,
+        out: _Outcome,
+    ) -> Exception | None:
+        """A request body still arriving: a task forwards it while the response is relayed."""
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump_request, call, body, ustream)
+            try:
+                await self._respond(call, link, stream, ustream, state, out)
+            except (StreamReset, ProxyError) as e:
+                # Caught here, not from the nursery: no exception group.
+                failure = e
+            if not ustream.sent_end:
+                nursery.cancel_scope.cancel()  # the response is over: stop sending the request
+        return failure
+
+    @staticmethod
+    def _take_body(call: Call, link: ServerLink, stream: Stream) -> bytes:
+        """A fully received request body, its flow-control window handed back."""
+        chunks = stream.chunks
+        if not chunks:
+            return b""
+        data = b"".join(c for c, _ in chunks)
+        window = sum(fc for _, fc in chunks)
+        chunks.clear()
+        link.acknowledge(stream, window)
+        for observe in call.request_observers:
+            observe(call, data)
+        return data
 
     async def _respond(
         self, call: Call, link: ServerLink, stream: Stream, ustream: Stream, state: ListenerState, out: _Outcome
@@ -394,9 +469,20 @@ async def _pump(call: Call, source: Stream, target: Stream, observers: list[Chun
     return sent
 
 
-async def _pump_request(call: Call, body: Stream, ustream: Stream) -> None:
+async def _pump_request(call: Call, body: Body, ustream: Stream) -> None:
     try:
-        await _pump(call, body, ustream, call.request_observers)
+        if isinstance(body, Stream):
+            await _pump(call, body, ustream, call.request_observers)
+            return
+        # A body a filter put in place: forward it as it comes.
+        while chunk := await body.read():
+            for observe in call.request_observers:
+                observe(call, chunk)
+            await ustream.link.send_data(ustream, chunk, False)
+        if body.trailers is not None:
+            ustream.link.send_headers(ustream, body.trailers, True)
+        else:
+            ustream.link.end_stream(ustream)
     except StreamReset:
         # Either side reset: the response side sees it and answers for the call.
         pass

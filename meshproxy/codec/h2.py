@@ -17,6 +17,11 @@ pyproject.toml; tests/codec/test_h2_codec.py exercises each change):
   single-pass RFC 9113 section 8.2/8.3 check (`request_problem`,
   `response_problem`, `trailers_problem`) runs on every block received, and a
   failure resets that stream with PROTOCOL_ERROR.
+* HPACK. A stateless, caching encoder and a single-loop decoder
+  (meshproxy/codec/hpack.py) replace hpack's, which cost a third of the CPU.
+* Sending HEADERS and DATA. h2 builds hyperframe objects, re-wraps every
+  header and computes validation flags per call; the overrides run the same
+  state machines and window accounting and write the frame bytes directly.
 * Logging. h2's per-frame `repr(frame)` for its trace log and hpack's
   `log.debug` calls cost even when nothing is logged; `quiet_libraries()`
   makes them no-ops (called once by the app, not at import).
@@ -24,6 +29,7 @@ pyproject.toml; tests/codec/test_h2_codec.py exercises each change):
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import h2.config
@@ -32,7 +38,11 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack.hpack
+from h2.connection import AllowedStreamIDs, ConnectionInputs
 from h2.errors import ErrorCodes
+from h2.stream import StreamInputs
+
+from meshproxy.codec.hpack import LeanDecoder, StatelessEncoder
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -158,7 +168,8 @@ class ProxyH2Connection(h2.connection.H2Connection):
     def __init__(self, client_side: bool, max_header_list_size: int) -> None:
         super().__init__(config=make_config(client_side))
         self.max_header_list_size = max_header_list_size
-        self.decoder.max_header_list_size = max_header_list_size
+        self.encoder = StatelessEncoder()  # type: ignore[assignment]
+        self.decoder = LeanDecoder(max_header_list_size)
         self.state_machine._transitions = _GRACEFUL  # type: ignore[misc]
 
     def _open_streams(self, remainder: int) -> int:
@@ -193,12 +204,103 @@ class ProxyH2Connection(h2.connection.H2Connection):
         self._prepare_for_sending(frames)
         return events
 
+    def send_headers(  # type: ignore[override]
+        self,
+        stream_id: int,
+        headers: Headers,
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        """h2's send_headers without its frame objects and per-header re-wrapping.
+
+        The same connection and stream state transitions run (h2's own state
+        machines), then the frames are written as bytes: HEADERS, and
+        CONTINUATION if the block exceeds the peer's frame size (RFC 9113 6.2).
+        Interim (1xx) responses and priority take h2's own path.
+        """
+        first = headers[0] if headers else (b"", b"")
+        if priority_weight is not None or priority_depends_on is not None or priority_exclusive is not None or (
+            first[0] == b":status" and first[1][:1] == b"1"
+        ):
+            super().send_headers(stream_id, headers, end_stream, priority_weight, priority_depends_on, priority_exclusive)
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            limit = self.remote_settings.max_concurrent_streams
+            if len(self.streams) + 1 > limit:
+                raise h2.exceptions.TooManyStreamsError(f"Max outbound streams is {limit}")
+            self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+            stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(self.config.client_side))
+        else:
+            self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        elif machine.trailers_sent:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        if machine.client and stream.request_method is None:
+            # h2 needs the method to judge a HEAD response's content-length.
+            for name, value in headers:
+                if name == b":method":
+                    stream.request_method = value
+                    break
+        block = self.encoder.encode(headers)
+        self._data_to_send += _header_frames(stream_id, block, end_stream, self.max_outbound_frame_size)
+
+    def send_data(  # type: ignore[override]
+        self, stream_id: int, data: bytes, end_stream: bool = False, pad_length: Any = None
+    ) -> None:
+        """h2's send_data without a DataFrame object per call (same checks and windows)."""
+        size = len(data)
+        if pad_length is not None or size > self.max_outbound_frame_size:
+            super().send_data(stream_id, data, end_stream, pad_length)
+            return
+        stream = self.streams[stream_id]
+        if size > 0 and (size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window):
+            raise h2.exceptions.FlowControlError(f"Cannot send {size} bytes, flow control window is too small")
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, 0x0, 0x1 if end_stream else 0, stream_id)
+        self._data_to_send += data
+
     def _reset_closed(self, stream_id: int, code: int) -> None:
         from hyperframe.frame import RstStreamFrame
 
         f = RstStreamFrame(stream_id)
         f.error_code = code
         self._prepare_for_sending([f])
+
+
+# RFC 9113 4.1: 24-bit length (as 16 + 8 bits here), type, flags, stream id.
+_FRAME_HEAD = struct.Struct(">HBBBL")
+_HEADERS, _CONTINUATION = 0x1, 0x9
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+
+
+def _header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> bytes:
+    """HEADERS (+ CONTINUATION) frames carrying one header block."""
+    size = len(block)
+    flags = _END_STREAM if end_stream else 0
+    if size <= max_frame:
+        return _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags | _END_HEADERS, stream_id) + block
+    out = bytearray()
+    kind = _HEADERS
+    for start in range(0, size, max_frame):
+        piece = block[start : start + max_frame]
+        last = start + max_frame >= size
+        n = len(piece)
+        out += _FRAME_HEAD.pack(n >> 8, n & 0xFF, kind, flags | (_END_HEADERS if last else 0), stream_id)
+        out += piece
+        kind, flags = _CONTINUATION, 0  # END_STREAM goes on the HEADERS frame only
+    return bytes(out)
 
 
 def initial_settings(

@@ -170,14 +170,34 @@ class H2Link:
         self._idle_changed = trio.Event()
         self._window_waiters: set[Stream] = set()
         self._closing = False
+        self._flush_scheduled = False
+        self._flush_wake = trio.Event()
         self.closed = trio.Event()
 
     # -- writing
 
     def flush(self) -> None:
+        """Write what h2 has queued, soon: once per scheduler batch, not per frame.
+
+        Many calls' tasks add frames to one connection within a batch; the
+        flusher task writes them all with one send() when it runs next.
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._flush_wake.set()
+
+    def flush_now(self) -> None:
+        self._flush_scheduled = False
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._flush_wake.wait()
+            self._flush_wake = trio.Event()
+            if self._flush_scheduled:
+                self.flush_now()
 
     def acknowledge(self, stream: Stream, n: int) -> None:
         try:
@@ -280,6 +300,7 @@ class H2Link:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.transport.writer)
+                nursery.start_soon(self._flusher)
                 nursery.start_soon(self._keepalive)
                 try:
                     await self._read_loop()
@@ -303,12 +324,12 @@ class H2Link:
                 events = conn.receive_data(data)
             except h2.exceptions.ProtocolError as e:
                 self.on_protocol_error(e)
-                self.flush()  # the GOAWAY h2 prepared
+                self.flush_now()  # the GOAWAY h2 prepared
                 await transport.flush_and_close(1.0, f"protocol error: {e}")
                 return
             for event in events:
                 self.dispatch(event)
-            self.flush()
+            self.flush_now()
             if self._closing and not self.streams:
                 await transport.flush_and_close(1.0, "drained")
                 return
@@ -446,6 +467,7 @@ class H2Link:
         with trio.move_on_after(timeout):
             while self.streams and not self.transport.closed:
                 await self._idle_changed.wait()
+        self.flush_now()
         await self.transport.flush_and_close(1.0, reason)
 
 
@@ -528,13 +550,14 @@ class ServerLink(H2Link):
         self._nursery.start_soon(self._run_handler, stream, event.headers)
 
     async def _run_handler(self, stream: Stream, headers: Headers) -> None:
-        with trio.CancelScope() as scope:
-            stream.scope = scope
-            try:
-                await self.handler(self, stream, headers)
-            finally:
-                stream.scope = None
-                self.finish(stream)
+        # The handler puts its work under a CancelScope it stores in
+        # `stream.scope` (one scope also carries the call's deadline), so a
+        # RST_STREAM from the client cancels it.
+        try:
+            await self.handler(self, stream, headers)
+        finally:
+            stream.scope = None
+            self.finish(stream)
 
     def finish(self, stream: Stream) -> None:
         """The handler is done: close what it left open, then forget the stream."""
@@ -664,6 +687,9 @@ class ClientLink(H2Link):
 
     def forget(self, stream: Stream) -> None:
         super().forget(stream)
+        if self._closing and not self.streams:
+            self.flush_now()
+            self.transport.close("GOAWAY received and every stream done")
         self.capacity_changed()
 
     def on_goaway(self, event: ev.ConnectionTerminated) -> None:
