@@ -33,7 +33,7 @@ _STATIC_NAME = {name: i + 1 for i, (name, _) in reversed(list(enumerate(_STATIC)
 # Values unique to one call: never cached, never Huffman-coded (the CPU
 # would buy a few bytes once).
 _UNIQUE = frozenset({b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid", b"x-b3-spanid",
-                     b"x-b3-parentspanid", b"b3", b"grpc-timeout", b"date", b"content-length"})
+                     b"x-b3-parentspanid", b"b3", b"grpc-timeout"})
 # RFC 7541 7.1.3: values an intermediary must not let anyone index.
 _SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
@@ -48,6 +48,8 @@ HUFFMAN_CACHE_MAX_INPUT = 64
 
 def _int(value: int, prefix_bits: int, flags: int = 0) -> bytes:
     """An HPACK integer (RFC 7541 5.1) with `flags` in the first byte's high bits."""
+    if value < (1 << prefix_bits) - 1:
+        return bytes((flags | value,))
     out = encode_integer(value, prefix_bits)
     out[0] |= flags
     return bytes(out)
@@ -72,7 +74,16 @@ def encode_field(name: bytes, value: bytes, huffman: bool = True) -> bytes:
     if name_index is not None:
         head = _int(name_index, 4, flag)
         return head + _string(value, huffman)
-    return bytes([flag]) + _string(name) + _string(value, huffman)
+    literal = _NAMES.get(name)
+    if literal is None:
+        literal = _string(name)
+        if len(_NAMES) < ENCODE_CACHE_ENTRIES:
+            _NAMES[name] = literal
+    return bytes((flag,)) + literal + _string(value, huffman)
+
+
+# Header names as string literals: far fewer than pairs, and ids repeat them.
+_NAMES: dict[bytes, bytes] = {}
 
 
 # (name, value) -> its encoding: the same for every connection (no dynamic

@@ -43,6 +43,34 @@ MAX_STREAM_ID = 2**31 - 1
 ASSUMED_MAX_STREAMS = 100
 
 
+class Parked:
+    """One task parked until another wakes it: a lighter trio.Event for one waiter.
+
+    Waiters re-check their condition in a loop, so a wake with nobody parked
+    is simply dropped.
+    """
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        assert self._task is None, "one waiter at a time"
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def wake(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+
 class StreamReset(Exception):
     """The peer reset the stream (or the connection went away under it)."""
 
@@ -91,8 +119,8 @@ class Stream:
         self.sent_head = False
         self.sent_end = False
         self.scope: trio.CancelScope | None = None
-        self._waiter: trio.Event | None = None
-        self._window_waiter: trio.Event | None = None
+        self._waiter = Parked()
+        self._window_waiter = Parked()
 
     def __repr__(self) -> str:
         return (
@@ -110,7 +138,6 @@ class Stream:
                 raise StreamReset(self.reset_code)
             if self.ended:
                 return b""
-            self._waiter = trio.Event()
             await self._waiter.wait()
         data, flow_controlled = self.chunks.popleft()
         self.pending_ack = flow_controlled
@@ -125,19 +152,14 @@ class Stream:
         while self.head is None:
             if self.reset_code is not None:
                 raise StreamReset(self.reset_code)
-            self._waiter = trio.Event()
             await self._waiter.wait()
         return self.head
 
     def _wake(self) -> None:
-        if self._waiter is not None:
-            self._waiter.set()
-            self._waiter = None
+        self._waiter.wake()
 
     def _wake_window(self) -> None:
-        if self._window_waiter is not None:
-            self._window_waiter.set()
-            self._window_waiter = None
+        self._window_waiter.wake()
 
     @property
     def done(self) -> bool:
@@ -171,7 +193,7 @@ class H2Link:
         self._window_waiters: set[Stream] = set()
         self._closing = False
         self._flush_scheduled = False
-        self._flush_wake = trio.Event()
+        self._flush_wake = Parked()
         self.closed = trio.Event()
 
     # -- writing
@@ -184,7 +206,7 @@ class H2Link:
         """
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._flush_wake.set()
+            self._flush_wake.wake()
 
     def flush_now(self) -> None:
         self._flush_scheduled = False
@@ -194,10 +216,9 @@ class H2Link:
 
     async def _flusher(self) -> None:
         while True:
-            await self._flush_wake.wait()
-            self._flush_wake = trio.Event()
             if self._flush_scheduled:
                 self.flush_now()
+            await self._flush_wake.wait()
 
     def acknowledge(self, stream: Stream, n: int) -> None:
         try:
@@ -231,10 +252,9 @@ class H2Link:
                     continue
             except h2.exceptions.ProtocolError as e:
                 raise StreamReset(ErrorCodes.STREAM_CLOSED, str(e)) from None
-            waiter = stream._window_waiter = trio.Event()
             self._window_waiters.add(stream)
             try:
-                await waiter.wait()
+                await stream._window_waiter.wait()
             finally:
                 self._window_waiters.discard(stream)
         if end:
@@ -533,6 +553,14 @@ class ServerLink(H2Link):
         if self._closing:
             # RFC 9113 6.8: streams above the GOAWAY's last-stream-id are ignored;
             # refuse them so the client may retry elsewhere.
+            self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.conn.forget_stream(sid)
+            return
+        if len(self.streams) >= self.max_concurrent_streams:
+            # RFC 9113 5.1.2: over our SETTINGS_MAX_CONCURRENT_STREAMS; refuse
+            # this stream only, the client may retry it.
+            if self._report:
+                self._report("stream")
             self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             self.conn.forget_stream(sid)
             return
