@@ -214,11 +214,17 @@ class H2Link:
         if data:
             self.transport.write(data)
 
-    async def _flusher(self) -> None:
-        while True:
+    async def _writer(self) -> None:
+        """Flushes h2's output once per batch, and drains the socket backlog."""
+        transport = self.transport
+        transport.on_backlog = self._flush_wake.wake
+        while not transport.closed:
             if self._flush_scheduled:
                 self.flush_now()
-            await self._flush_wake.wait()
+            if transport.has_backlog:
+                await transport.drain_backlog()
+            else:
+                await self._flush_wake.wait()
 
     def acknowledge(self, stream: Stream, n: int) -> None:
         try:
@@ -319,8 +325,7 @@ class H2Link:
         """Reader loop + keepalive + writer, until the connection ends."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.transport.writer)
-                nursery.start_soon(self._flusher)
+                nursery.start_soon(self._writer)
                 nursery.start_soon(self._keepalive)
                 try:
                     await self._read_loop()

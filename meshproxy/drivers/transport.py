@@ -5,8 +5,8 @@ Knows: sockets and trio's readiness waits. Must not: know any protocol.
 Why not trio's SocketStream: a proxy writes many small frames from many
 tasks. Writing straight from the task that produced the bytes (one
 `send()` syscall, no task switch, no lock) is the common case; only when the
-kernel buffer is full do the bytes wait in a backlog that one writer task
-drains under a write deadline. Reads go straight to `recv()` and yield to
+kernel buffer is full do the bytes wait in a backlog that the owner's writer
+task drains under a write deadline. Reads go straight to `recv()` and yield to
 the scheduler every few reads so one busy connection cannot starve the rest.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -34,9 +35,9 @@ class Transport:
         "_closed",
         "_drained",
         "_reads",
-        "_wake_writer",
         "closed_reason",
         "high_water",
+        "on_backlog",
         "peer",
         "sock",
         "write_timeout",
@@ -51,7 +52,7 @@ class Transport:
         self.high_water = high_water
         self._backlog: list[bytes] = []
         self._backlog_bytes = 0
-        self._wake_writer = trio.Event()
+        self.on_backlog: Callable[[], None] = lambda: None
         self._drained = trio.Event()
         self._drained.set()
         self._closed = False
@@ -112,37 +113,42 @@ class Transport:
             self._backlog.append(rest)
             self._backlog_bytes = len(rest)
             self._drained = trio.Event()
-            self._wake_writer.set()
+            self.on_backlog()
 
     async def drained(self) -> None:
         """Wait until the backlog is written (or the transport closed)."""
         await self._drained.wait()
 
-    async def writer(self) -> None:
-        """Drains the backlog; runs for the transport's life in its owner's nursery."""
-        while not self._closed:
-            await self._wake_writer.wait()
-            self._wake_writer = trio.Event()
-            try:
-                with trio.fail_after(self.write_timeout):
-                    while self._backlog and not self._closed:
-                        await trio.lowlevel.wait_writable(self.sock)
-                        data = b"".join(self._backlog)
-                        self._backlog.clear()
-                        try:
-                            sent = self.sock.send(data)
-                        except BlockingIOError:
-                            sent = 0
-                        if sent < len(data):
-                            self._backlog.append(data[sent:])
-                        self._backlog_bytes = len(data) - sent
-            except trio.TooSlowError:
-                self.close("write timeout")
-            except trio.ClosedResourceError:
-                pass
-            except OSError as e:
-                self.close(f"send: {errno.errorcode.get(e.errno or 0, e)}")
-            self._drained.set()
+    async def drain_backlog(self) -> None:
+        """Write the backlog out as the socket allows, within the write timeout.
+
+        The owner calls this from its writer task whenever `has_backlog`;
+        `on_backlog` tells it one appeared.
+        """
+        try:
+            with trio.fail_after(self.write_timeout):
+                while self._backlog and not self._closed:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    data = b"".join(self._backlog)
+                    self._backlog.clear()
+                    try:
+                        sent = self.sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < len(data):
+                        self._backlog.append(data[sent:])
+                    self._backlog_bytes = len(data) - sent
+        except trio.TooSlowError:
+            self.close("write timeout")
+        except trio.ClosedResourceError:
+            pass
+        except OSError as e:
+            self.close(f"send: {errno.errorcode.get(e.errno or 0, e)}")
+        self._drained.set()
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self._backlog)
 
     def close(self, reason: str = "closed") -> None:
         if self._closed:
@@ -152,7 +158,7 @@ class Transport:
         self._backlog.clear()
         self._backlog_bytes = 0
         self._drained.set()
-        self._wake_writer.set()
+        self.on_backlog()
         try:
             trio.lowlevel.notify_closing(self.sock)
         except (ValueError, RuntimeError):
