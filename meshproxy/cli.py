@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.to_json(), indent=2))
         return EXIT_OK
     from meshproxy.app import App
+    from meshproxy.listener import BindError
 
     async def run() -> None:
         app = App(config)
@@ -66,9 +67,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(run)
-    except OSError as e:
-        print(f"meshproxy: {e}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
+    except BaseException as e:
+        oserror = _find(e, OSError)
+        if oserror is None:
+            raise
+        print(f"meshproxy: {oserror.strerror if isinstance(oserror, BindError) else oserror}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _find(error: BaseException, kind: type[OSError]) -> OSError | None:
+    """The first `kind` inside (possibly nested) exception groups."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None

@@ -30,7 +30,20 @@ ACCEPT_PAUSE_ON_EMFILE = 0.1
 _EMFILE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
+class BindError(OSError):
+    """A listener's address cannot be bound; the message names the listener."""
+
+
 def bind(config: ListenerConfig) -> socket.socket:
+    try:
+        return _bind(config)
+    except OSError as e:
+        raise BindError(
+            e.errno, f"listener {config.name}: cannot listen on {config.address}: {e.strerror or e}"
+        ) from None
+
+
+def _bind(config: ListenerConfig) -> socket.socket:
     a = config.address
     if a.kind == "unix":
         try:

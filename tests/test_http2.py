@@ -304,3 +304,44 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path):
     finally:
         backend_proc.kill()
         backend_proc.wait()
+
+
+def test_sighup_reloads_and_a_bad_file_keeps_the_old_config(tmp_path):
+    admin, listen = harness.free_port(), harness.free_port()
+    text = harness.proxy_yaml(f"127.0.0.1:{harness.free_port()}", listen=f"127.0.0.1:{listen}", admin=f"127.0.0.1:{admin}")
+    path = harness.write_config(tmp_path, text)
+    with harness.proxy_process(path, admin) as proxy:
+
+        def version() -> int:
+            return int(json.loads(harness.http_get(f"http://127.0.0.1:{admin}/config_dump")[1])["version"])
+
+        path.write_text(text.replace("timeout: 15s", "timeout: 3s"))
+        proxy.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while version() != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert version() == 2
+        path.write_text(text.replace("cluster: backend", "cluster: paymnts"))
+        proxy.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "reload rejected" not in proxy.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"reload rejected: {path}: listeners[0].routes[0].cluster: unknown cluster 'paymnts' (known: backend)" in proxy.log()
+        assert version() == 2
+        metrics = harness.http_get(f"http://127.0.0.1:{admin}/metrics")[1].decode()
+        assert "meshproxy_config_last_reload_success 0.0" in metrics
+        assert harness.http_get(f"http://127.0.0.1:{admin}/ready")[0] == 200
+
+
+def test_address_in_use_is_one_clear_line_and_exit_1(tmp_path):
+    with __import__("socket").socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = harness.proxy_yaml("127.0.0.1:1", listen=f"127.0.0.1:{port}")
+        result = subprocess.run(
+            ["python", "-m", "meshproxy", "--conf", str(harness.write_config(tmp_path, text))],
+            capture_output=True, text=True, timeout=20,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"meshproxy: listener test: cannot listen on 127.0.0.1:{port}: Address already in use"
