@@ -6,14 +6,14 @@ render bytes (drivers do that, once, per protocol).
 
 from __future__ import annotations
 
-from meshproxy.codec import grpc
+from meshproxy import status
 
 
 class ProxyError(Exception):
     """Base: a failure that becomes a local reply (or a reset, if the reply started)."""
 
     http_status = 500
-    grpc_status = grpc.INTERNAL
+    grpc_status = status.INTERNAL
     reason = "internal"  # bounded metric label value
 
     def __init__(self, message: str = "") -> None:
@@ -22,29 +22,29 @@ class ProxyError(Exception):
 
 
 class NoRoute(ProxyError):
-    http_status, grpc_status, reason = 404, grpc.UNIMPLEMENTED, "no_route"
+    http_status, grpc_status, reason = 404, status.UNIMPLEMENTED, "no_route"
 
 
 class Denied(ProxyError):
-    http_status, grpc_status, reason = 403, grpc.PERMISSION_DENIED, "denied"
+    http_status, grpc_status, reason = 403, status.PERMISSION_DENIED, "denied"
 
 
 class RateLimited(ProxyError):
-    http_status, grpc_status, reason = 429, grpc.RESOURCE_EXHAUSTED, "rate_limited"
+    http_status, grpc_status, reason = 429, status.RESOURCE_EXHAUSTED, "rate_limited"
 
 
 class UpstreamUnavailable(ProxyError):
-    http_status, grpc_status, reason = 503, grpc.UNAVAILABLE, "upstream_unavailable"
+    http_status, grpc_status, reason = 503, status.UNAVAILABLE, "upstream_unavailable"
 
 
 class UpstreamOverflow(ProxyError):
     """Every connection to the cluster is full and the wait queue is too."""
 
-    http_status, grpc_status, reason = 503, grpc.UNAVAILABLE, "upstream_overflow"
+    http_status, grpc_status, reason = 503, status.UNAVAILABLE, "upstream_overflow"
 
 
 class UpstreamReset(ProxyError):
-    http_status, grpc_status, reason = 503, grpc.UNAVAILABLE, "upstream_reset"
+    http_status, grpc_status, reason = 503, status.UNAVAILABLE, "upstream_reset"
 
     def __init__(self, message: str = "", error_code: int = 0) -> None:
         super().__init__(message)
@@ -52,11 +52,11 @@ class UpstreamReset(ProxyError):
 
 
 class UpstreamProtocolError(ProxyError):
-    http_status, grpc_status, reason = 502, grpc.INTERNAL, "upstream_protocol_error"
+    http_status, grpc_status, reason = 502, status.INTERNAL, "upstream_protocol_error"
 
 
 class UpstreamTimeout(ProxyError):
-    http_status, grpc_status, reason = 504, grpc.DEADLINE_EXCEEDED, "timeout"
+    http_status, grpc_status, reason = 504, status.DEADLINE_EXCEEDED, "timeout"
 
 
 class FaultInjected(ProxyError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import trio
 from h2.errors import ErrorCodes
 
+from meshproxy import status
 from meshproxy.accesslog import AccessLog
 from meshproxy.call import Body, Call, ChunkObserver, Headers, Peer, Protocol, Response
 from meshproxy.codec import grpc
@@ -160,7 +161,7 @@ class HttpProxy:
             out.reason = out.reason or "internal_error"
             if not out.response_started:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await self._reply(call, link, stream, out, 500, grpc.INTERNAL, "internal proxy error")
+                    await self._reply(call, link, stream, out, 500, status.INTERNAL, "internal proxy error")
         finally:
             active.dec()
             self._record(call, stream, out, state)
@@ -350,8 +351,8 @@ class HttpProxy:
         if not out.response_started:
             await self._reply(call, link, stream, out, err.http_status, err.grpc_status, err.message)
         elif call.is_grpc and not stream.sent_end:
-            out.grpc_status = str(grpc.DEADLINE_EXCEEDED)
-            link.send_headers(stream, grpc.status_trailers(grpc.DEADLINE_EXCEEDED, err.message), True)
+            out.grpc_status = str(status.DEADLINE_EXCEEDED)
+            link.send_headers(stream, grpc.status_trailers(status.DEADLINE_EXCEEDED, err.message), True)
         else:
             link.reset(stream, ErrorCodes.CANCEL)
 
@@ -497,9 +498,9 @@ def _grpc_status(headers: Headers) -> str:
 
 def _grpc_for_http(status: int) -> int:
     # gRPC spec, "HTTP to gRPC Status Code Mapping".
-    return {400: grpc.INTERNAL, 401: grpc.UNAUTHENTICATED, 403: grpc.PERMISSION_DENIED,
-            404: grpc.UNIMPLEMENTED, 429: grpc.UNAVAILABLE, 502: grpc.UNAVAILABLE,
-            503: grpc.UNAVAILABLE, 504: grpc.UNAVAILABLE}.get(status, grpc.UNKNOWN)
+    return {400: status.INTERNAL, 401: status.UNAUTHENTICATED, 403: status.PERMISSION_DENIED,
+            404: status.UNIMPLEMENTED, 429: status.UNAVAILABLE, 502: status.UNAVAILABLE,
+            503: status.UNAVAILABLE, 504: status.UNAVAILABLE}.get(status, status.UNKNOWN)
 
 
 __all__ = ["FaultInjected", "HttpProxy", "ListenerState"]

@@ -1,27 +1,13 @@
 """gRPC on HTTP/2: status codes, grpc-timeout, message framing, trailers.
 
-Pure helpers (no I/O, no clock reads). References: the gRPC over HTTP/2
-protocol spec (PROTOCOL-HTTP2.md) and statuscodes.md.
+Pure helpers (no I/O, no clock reads). Reference: the gRPC over HTTP/2
+protocol spec (PROTOCOL-HTTP2.md); the status codes are in meshproxy/status.py.
 """
 
 from __future__ import annotations
 
 import struct
 import urllib.parse
-
-# statuscodes.md
-OK = 0
-CANCELLED = 1
-UNKNOWN = 2
-INVALID_ARGUMENT = 3
-DEADLINE_EXCEEDED = 4
-NOT_FOUND = 5
-PERMISSION_DENIED = 7
-RESOURCE_EXHAUSTED = 8
-UNIMPLEMENTED = 12
-INTERNAL = 13
-UNAVAILABLE = 14
-UNAUTHENTICATED = 16
 
 # PROTOCOL-HTTP2.md, "Timeout": TimeoutValue is at most 8 ASCII digits.
 _TIMEOUT_UNITS = {
@@ -67,7 +53,13 @@ _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != ord("%"))
 
 
 def encode_message(message: str) -> bytes:
-    return urllib.parse.quote(message, safe=_SAFE).encode("ascii")
+    encoded = urllib.parse.quote(message, safe=_SAFE)
+    # A header value must not start or end with whitespace (RFC 9113 8.2.1).
+    if encoded.startswith(" "):
+        encoded = "%20" + encoded[1:]
+    if encoded.endswith(" "):
+        encoded = encoded[:-1] + "%20"
+    return encoded.encode("ascii")
 
 
 def decode_message(value: bytes) -> str:

@@ -29,7 +29,6 @@ pyproject.toml; tests/codec/test_h2_codec.py exercises each change):
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Any
 
@@ -41,21 +40,18 @@ import h2.settings
 import hpack.hpack
 from h2.connection import AllowedStreamIDs, ConnectionInputs, _decode_headers
 from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamInputs
+from h2.utilities import SizeLimitDict
 
 from meshproxy.codec.hpack import LeanDecoder, StatelessEncoder
+from meshproxy.fields import CONNECTION_SPECIFIC, METHOD_OK, VALUE_BAD, field_problem
+
+__all__ = ["CONNECTION_SPECIFIC", "ProxyH2Connection", "request_problem", "response_problem", "trailers_problem"]
 
 Headers = list[tuple[bytes, bytes]]
 
-# RFC 9113 section 8.2.2: connection-specific header fields are malformed in HTTP/2.
-CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-# RFC 9110 section 5.1 token characters, lower-case only (RFC 9113 section 8.2.1).
-_NAME_OK = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
-# RFC 9113 section 8.2.1: no NUL, CR or LF anywhere, no whitespace at either end.
-_VALUE_BAD = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 # Fields already found well-formed. Most repeat on every call (user-agent,
 # content-type, ...), so each is checked once; bounded, cleared when full.
 _GOOD_FIELDS: set[tuple[bytes, bytes]] = set()
@@ -65,18 +61,21 @@ GOOD_FIELDS_MAX = 4096
 def _field_problem(name: bytes, value: bytes) -> str | None:
     if (name, value) in _GOOD_FIELDS:
         return None
-    if not _NAME_OK.match(name):
-        return f"invalid header name {name[:64]!r}"
-    if _VALUE_BAD.search(value):
-        return f"invalid character or surrounding whitespace in the value of {name.decode('latin-1')}"
-    if name in CONNECTION_SPECIFIC:
-        return f"connection-specific header {name.decode()}"
-    if name == b"te" and value != b"trailers":
-        return "te other than 'trailers'"
-    if len(value) <= 128:
+    problem = field_problem(name, value)
+    if problem is None and len(value) <= 128:
         if len(_GOOD_FIELDS) >= GOOD_FIELDS_MAX:
             _GOOD_FIELDS.clear()
         _GOOD_FIELDS.add((name, value))
+    return problem
+
+
+def _pseudo_value_problem(name: bytes, value: bytes) -> str | None:
+    if VALUE_BAD.search(value):
+        return f"invalid character or surrounding whitespace in {name.decode()}"
+    if name == b":method" and not METHOD_OK.match(value):
+        return "invalid :method"
+    if name == b":path" and (b" " in value or b"\t" in value or not (value[:1] == b"/" or value == b"*")):
+        return "invalid :path"
     return None
 
 
@@ -94,6 +93,9 @@ def request_problem(headers: Headers) -> str | None:
                 return f"duplicate {name.decode()}"
             if not value and name != b":authority":
                 return f"empty {name.decode()}"
+            problem = _pseudo_value_problem(name, value)
+            if problem:
+                return problem
             seen.add(name)
             continue
         regular = True
@@ -118,7 +120,7 @@ def response_problem(headers: Headers) -> str | None:
         if name[:1] == b":":
             if regular or name != b":status" or status:
                 return f"unexpected pseudo-header {name[:32]!r}"
-            if len(value) != 3 or not value.isdigit():
+            if len(value) != 3 or not value.isdigit() or not value.isascii():
                 return "malformed :status"
             status = True
             continue
@@ -170,6 +172,27 @@ def make_config(client_side: bool) -> h2.config.H2Configuration:
     )
 
 
+# How many closed streams a connection remembers, to answer late frames on
+# them as RFC 9113 5.1 says. h2 keeps 65536 per connection: megabytes on a
+# busy long-lived connection, for frames that come within a round trip.
+CLOSED_STREAMS_REMEMBERED = 1024
+
+
+class _FrameBuffer(FrameBuffer):
+    """h2's frame buffer, refusing an oversized frame as soon as its header arrives
+    (h2 waits for the whole announced frame first: up to 16 MiB buffered)."""
+
+    def __next__(self) -> Any:
+        data = self._data
+        if len(data) >= 9:
+            length = (data[0] << 16) | (data[1] << 8) | data[2]
+            if length > self.max_frame_size:
+                raise h2.exceptions.FrameTooLargeError(
+                    f"Received overlong frame: length {length}, max {self.max_frame_size}"
+                )
+        return super().__next__()
+
+
 class ProxyH2Connection(h2.connection.H2Connection):
     """H2Connection with O(1) stream counting and no per-frame trace work."""
 
@@ -179,6 +202,8 @@ class ProxyH2Connection(h2.connection.H2Connection):
         self.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.decoder = LeanDecoder(max_header_list_size)
         self.state_machine._transitions = _GRACEFUL  # type: ignore[misc]
+        self._closed_streams = SizeLimitDict(size_limit=CLOSED_STREAMS_REMEMBERED)
+        self.incoming_buffer = _FrameBuffer(server=not client_side)
 
     def _open_streams(self, remainder: int) -> int:
         # meshproxy never pushes (ENABLE_PUSH is 0 both ways), so every stream
@@ -190,7 +215,8 @@ class ProxyH2Connection(h2.connection.H2Connection):
         """The driver is done with this stream: drop it as h2's scan would have."""
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
-            # h2 remembers how each closed stream ended to answer late frames.
+            # h2 answers a late frame on a closed stream by how it closed
+            # (RST_STREAM: a stream error; END_STREAM: STREAM_CLOSED).
             self._closed_streams[stream_id] = stream.closed_by
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
@@ -219,8 +245,6 @@ class ProxyH2Connection(h2.connection.H2Connection):
         connection error, RFC 9113 5.1.2 allows a stream error, and the server
         driver refuses the one stream (REFUSED_STREAM) instead.
         """
-        if "PRIORITY" in frame.flags:
-            return super()._receive_headers_frame(frame)  # type: ignore[no-any-return]
         headers = _decode_headers(self.decoder, frame.data)
         events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
         stream = self._get_or_create_stream(frame.stream_id, AllowedStreamIDs(not self.config.client_side))
@@ -239,6 +263,10 @@ class ProxyH2Connection(h2.connection.H2Connection):
             raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
         stream._initialize_content_length(headers)
         event.headers = headers
+        if "PRIORITY" in frame.flags:
+            _, priority_events = self._receive_priority_frame(frame)
+            event.priority_updated = priority_events[0]
+            stream_events += priority_events
         return [], events + stream_events
 
     def send_headers(  # type: ignore[override]

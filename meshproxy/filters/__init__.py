@@ -32,10 +32,10 @@ def resolve(name: str) -> type[Filter]:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise FilterOptionError("", f"cannot import filter module '{module_name}': {e}") from None
+            raise FilterOptionError("name", f"cannot import filter module '{module_name}': {e}") from None
         cls = getattr(module, attr, None)
         if cls is None:
-            raise FilterOptionError("", f"module '{module_name}' has no attribute '{attr}'")
+            raise FilterOptionError("name", f"module '{module_name}' has no attribute '{attr}'")
         return _check_class(name, cls)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
@@ -48,7 +48,7 @@ def resolve(name: str) -> type[Filter]:
 
 def _check_class(name: str, cls: object) -> type[Filter]:
     if not (isinstance(cls, type) and issubclass(cls, Filter)):
-        raise FilterOptionError("", f"'{name}' is not a meshproxy.filters.base.Filter subclass")
+        raise FilterOptionError("name", f"'{name}' is not a meshproxy.filters.base.Filter subclass")
     return cls
 
 

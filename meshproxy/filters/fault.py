@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
+from meshproxy import status
 from meshproxy.call import Call, header_value
-from meshproxy.codec import grpc
 from meshproxy.filters.base import CONTINUE, Continue, Filter, Options, Respond
 from meshproxy.values import parse_duration, parse_percent
 
@@ -81,7 +81,7 @@ class FaultFilter(Filter):
             a = opts.section("abort")
             abort = _Abort(
                 a.get("http_status", _http_status, 503),
-                a.get("grpc_status", _grpc_status, grpc.UNAVAILABLE),
+                a.get("grpc_status", _grpc_status, status.UNAVAILABLE),
                 a.get("percentage", parse_percent, 100.0),
             )
             a.done()

@@ -11,17 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshproxy.call import Call, Headers, Response, remove_header, set_header
-from meshproxy.codec.h2 import CONNECTION_SPECIFIC
+from meshproxy.fields import field_problem
 from meshproxy.filters.base import CONTINUE, Continue, Filter, Options, Respond
 
 
 def _pairs(raw: Any) -> tuple[tuple[bytes, bytes], ...]:
     if not isinstance(raw, dict):
         raise ValueError("expected a mapping of header name to value")
-    out = []
-    for k, v in raw.items():
-        out.append((_name(k), _value(v)))
-    return tuple(out)
+    return _checked(tuple((_name(k), _value(v)) for k, v in raw.items()))
 
 
 def _names(raw: Any) -> tuple[bytes, ...]:
@@ -31,21 +28,27 @@ def _names(raw: Any) -> tuple[bytes, ...]:
 
 
 def _name(raw: Any) -> bytes:
-    if not isinstance(raw, str) or not raw or raw.startswith(":"):
-        raise ValueError(f"header name must be a non-empty string without ':' first, got {raw!r}")
-    name = raw.lower().encode("ascii", "replace")
-    if name in CONNECTION_SPECIFIC:
-        raise ValueError(f"{raw} is connection-specific and not allowed in HTTP/2")
+    if not isinstance(raw, str) or not raw.isascii():
+        raise ValueError(f"header name must be an ASCII string, got {raw!r}")
+    name = raw.lower().encode("ascii")
+    problem = field_problem(name, b"trailers")  # a value every name accepts
+    if problem:
+        raise ValueError(problem)
     return name
 
 
 def _value(raw: Any) -> bytes:
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise ValueError(f"header value must be a string, got {raw!r}")
-    text = str(raw)
-    if any(c in text for c in "\r\n\x00"):
-        raise ValueError("header value must not contain CR, LF or NUL")
-    return text.encode("utf-8")
+    return str(raw).encode("utf-8")
+
+
+def _checked(pairs: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    for name, value in pairs:
+        problem = field_problem(name, value)
+        if problem:
+            raise ValueError(problem)
+    return pairs
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,18 +23,23 @@ class RoundRobin:
         self._next = (rng or random.Random()).randrange(1 << 16)
 
     def pick(self, items: Sequence[Pickable], now: float, exclude: set[int]) -> int | None:
+        """The next healthy endpoint in turn; if none is healthy, the next one in turn."""
         n = len(items)
+        start = self._next
         fallback = None
-        for _ in range(n):
-            i = self._next % n
-            self._next += 1
+        for k in range(n):
+            i = (start + k) % n
             if i in exclude:
                 continue
             if items[i].healthy(now):
+                self._next = start + k + 1
                 return i
             if fallback is None:
-                fallback = i
-        return fallback
+                fallback = k
+        if fallback is None:
+            return None
+        self._next = start + fallback + 1
+        return (start + fallback) % n
 
 
 class LeastRequest:

@@ -74,7 +74,9 @@ class EndpointPool:
             "active_requests": self.active_requests,
             "connections": [
                 {"streams": len(link.streams), "max_streams": link.max_streams,
-                 "goaway": link.goaway_received}
+                 "goaway": link.goaway_received,
+                 "send_window": link.conn.outbound_flow_control_window,
+                 "receive_window": link.conn.inbound_flow_control_window}
                 for link in self.links
             ],
             "consecutive_failures": self.consecutive_failures,
