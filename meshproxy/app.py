@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -38,7 +37,7 @@ class App:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics.create(self.registry, config.node.service)
+        self.metrics = Metrics.create(self.registry)
         self.access_log = AccessLog(config.access_log, self.metrics)
         self.listeners: dict[str, ListenerRuntime] = {}
         self.admin_address = ""
@@ -184,6 +183,3 @@ class App:
                     log.info("%s: draining", signal.Signals(signum).name)
                     self.shutdown()
 
-
-def listener_addresses(app: App) -> dict[str, Any]:
-    return {name: r.bound for name, r in app.listeners.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from typing import Protocol as TypingProtocol
@@ -149,5 +149,3 @@ class Response:
     body: Body
     trailers: Headers | None = None
 
-
-ResponseHook = Callable[[Call, Response], Awaitable[None]]

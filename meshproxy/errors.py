@@ -59,14 +59,3 @@ class UpstreamTimeout(ProxyError):
     http_status, grpc_status, reason = 504, status.DEADLINE_EXCEEDED, "timeout"
 
 
-class FaultInjected(ProxyError):
-    reason = "fault"
-
-    def __init__(self, http_status: int, grpc_status: int, message: str) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.grpc_status = grpc_status
-
-
-class DownstreamReset(Exception):
-    """The client went away or reset the stream: nothing to answer."""

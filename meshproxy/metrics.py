@@ -49,7 +49,7 @@ class Metrics:
     _children: dict[Any, Any]
 
     @classmethod
-    def create(cls, registry: CollectorRegistry, source_workload: str = "") -> Metrics:
+    def create(cls, registry: CollectorRegistry) -> Metrics:
         r = registry
         Info("meshproxy_build", "meshproxy version", registry=r).info({"version": __version__})
         call_labels = ("listener", "direction", "route", "destination_service")

@@ -23,7 +23,6 @@ from meshproxy.codec import grpc
 from meshproxy.config import Listener as ListenerConfig
 from meshproxy.drivers.h2 import ServerLink, Stream, StreamReset
 from meshproxy.errors import (
-    FaultInjected,
     NoRoute,
     ProxyError,
     UpstreamProtocolError,
@@ -503,4 +502,4 @@ def _grpc_for_http(status: int) -> int:
             503: status.UNAVAILABLE, 504: status.UNAVAILABLE}.get(status, status.UNKNOWN)
 
 
-__all__ = ["FaultInjected", "HttpProxy", "ListenerState"]
+__all__ = ["HttpProxy", "ListenerState"]

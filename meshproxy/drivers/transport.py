@@ -177,7 +177,7 @@ class Transport:
         self.close(reason)
 
 
-async def connect(address: str, kind: str, host: str, port: int, path: str, timeout: float) -> socket.socket:
+async def connect(kind: str, host: str, port: int, path: str, timeout: float) -> socket.socket:
     """Open a connected non-blocking socket within `timeout` (raises OSError / TooSlowError)."""
     with trio.fail_after(timeout):
         if kind == "unix":

@@ -56,7 +56,6 @@ class EndpointPool:
         self._capacity = trio.Event()
         self._nursery = nursery
         self._metrics = metrics
-        self._closed = False
 
     def __repr__(self) -> str:
         return (
@@ -112,7 +111,7 @@ class EndpointPool:
         child = self._metrics.child
         try:
             a = self.address
-            sock = await connect(self.name, a.kind, a.host, a.port, a.path, self.connect_timeout)
+            sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
         except (OSError, trio.TooSlowError) as e:
             reason = "connect timeout" if isinstance(e, trio.TooSlowError) else (e.strerror or str(e))
             self._failed(reason)
@@ -159,7 +158,6 @@ class EndpointPool:
             self._capacity_changed()
 
     async def close(self, timeout: float) -> None:
-        self._closed = True
         async with trio.open_nursery() as nursery:
             for link in list(self.links):
                 nursery.start_soon(link.close_gracefully, "cluster removed", timeout)
