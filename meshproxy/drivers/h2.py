@@ -496,6 +496,28 @@ class H2Link:
         await self.transport.flush_and_close(1.0, reason)
 
 
+def _open_connection(
+    client_side: bool, max_streams: int, stream_window: int, connection_window: int, max_header_list_size: int
+) -> ProxyH2Connection:
+    """A ProxyH2Connection with our SETTINGS queued and the connection window grown."""
+    conn = ProxyH2Connection(client_side=client_side, max_header_list_size=max_header_list_size)
+    conn.local_settings = h2.settings.Settings(client=client_side, initial_values=initial_settings(
+        max_concurrent_streams=max_streams,
+        initial_window=stream_window,
+        max_header_list_size=max_header_list_size,
+        max_frame=MAX_FRAME,
+    ))
+    conn.initiate_connection()
+    # The settings were set as current values (not pending an ACK), so h2's
+    # copy of the frame size limit is set here too.
+    conn.max_inbound_frame_size = MAX_FRAME
+    # RFC 9113 6.9.2: the connection window starts at 65535 whatever SETTINGS say.
+    grow = connection_window - conn.inbound_flow_control_window
+    if grow > 0:
+        conn.increment_flow_control_window(grow)
+    return conn
+
+
 # ---------------------------------------------------------------------------
 # Downstream: the server role.
 
@@ -519,20 +541,9 @@ class ServerLink(H2Link):
         idle_timeout: float,
         on_protocol_error: Callable[[str], None] | None = None,
     ) -> None:
-        conn = ProxyH2Connection(client_side=False, max_header_list_size=max_header_list_size)
-        conn.local_settings = h2.settings.Settings(client=False, initial_values=initial_settings(
-            max_concurrent_streams=max_concurrent_streams,
-            initial_window=stream_window,
-            max_header_list_size=max_header_list_size,
-            max_frame=MAX_FRAME,
-        ))
-        conn.initiate_connection()
-        # The settings were set as current values (not pending an ACK), so
-        # h2's copy of the frame size limit is set here too.
-        conn.max_inbound_frame_size = MAX_FRAME
-        grow = connection_window - conn.inbound_flow_control_window
-        if grow > 0:
-            conn.increment_flow_control_window(grow)
+        conn = _open_connection(
+            False, max_concurrent_streams, stream_window, connection_window, max_header_list_size
+        )
         super().__init__(
             transport, conn,
             keepalive_interval=keepalive_interval,
@@ -639,20 +650,9 @@ class ClientLink(H2Link):
         idle_timeout: float,
         on_protocol_error: Callable[[], None] | None = None,
     ) -> None:
-        conn = ProxyH2Connection(client_side=True, max_header_list_size=max_header_list_size)
-        conn.local_settings = h2.settings.Settings(client=True, initial_values=initial_settings(
-            max_concurrent_streams=1000,  # the server cannot push: this only bounds its pushes
-            initial_window=stream_window,
-            max_header_list_size=max_header_list_size,
-            max_frame=MAX_FRAME,
-        ))
-        conn.initiate_connection()
-        # The settings were set as current values (not pending an ACK), so
-        # h2's copy of the frame size limit is set here too.
-        conn.max_inbound_frame_size = MAX_FRAME
-        grow = connection_window - conn.inbound_flow_control_window
-        if grow > 0:
-            conn.increment_flow_control_window(grow)
+        # max_concurrent_streams: the server cannot push (ENABLE_PUSH is 0), so
+        # this only matters to a misbehaving one.
+        conn = _open_connection(True, 1000, stream_window, connection_window, max_header_list_size)
         super().__init__(
             transport, conn,
             keepalive_interval=keepalive_interval,
