@@ -154,12 +154,12 @@ class App:
             old_log.close()
         clusters, retired = self._clusters.update(new.clusters)
         for name, runtime in list(self.listeners.items()):
-            lc = new_states.get(name)
-            if lc is None or lc.address != runtime.config.address or lc.protocol != runtime.config.protocol:
+            kept = new_states.get(name)
+            if kept is None or kept.address != runtime.config.address or kept.protocol != runtime.config.protocol:
                 del self.listeners[name]
                 self._nursery.start_soon(runtime.drain, new.drain_timeout)
             else:
-                runtime.swap(lc, self._state(lc, clusters))
+                runtime.swap(kept, self._state(kept, clusters))
         for lc in new.listeners:
             if lc.name not in self.listeners:
                 await self._start_listener(lc, clusters)

@@ -495,11 +495,16 @@ def _grpc_status(headers: Headers) -> str:
     return ""
 
 
-def _grpc_for_http(status: int) -> int:
-    # gRPC spec, "HTTP to gRPC Status Code Mapping".
-    return {400: status.INTERNAL, 401: status.UNAUTHENTICATED, 403: status.PERMISSION_DENIED,
-            404: status.UNIMPLEMENTED, 429: status.UNAVAILABLE, 502: status.UNAVAILABLE,
-            503: status.UNAVAILABLE, 504: status.UNAVAILABLE}.get(status, status.UNKNOWN)
+# gRPC spec (http-grpc-status-mapping.md): HTTP status -> gRPC status.
+_GRPC_FOR_HTTP = {
+    400: status.INTERNAL, 401: status.UNAUTHENTICATED, 403: status.PERMISSION_DENIED,
+    404: status.UNIMPLEMENTED, 429: status.UNAVAILABLE, 502: status.UNAVAILABLE,
+    503: status.UNAVAILABLE, 504: status.UNAVAILABLE,
+}
+
+
+def _grpc_for_http(http_status: int) -> int:
+    return _GRPC_FOR_HTTP.get(http_status, status.UNKNOWN)
 
 
 __all__ = ["HttpProxy", "ListenerState"]

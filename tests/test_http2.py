@@ -13,6 +13,8 @@ import pytest
 import trio
 from h2.errors import ErrorCodes
 
+from meshproxy.call import header_value
+from meshproxy.filters.base import CONTINUE, Filter, Options, Respond
 from tests import harness
 from tests.h2client import H2Client
 
@@ -345,3 +347,38 @@ def test_address_in_use_is_one_clear_line_and_exit_1(tmp_path):
         )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"meshproxy: listener test: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+class DenyFilter(Filter):
+    """A team's own filter, loaded by import path in the test below."""
+
+    @classmethod
+    def from_options(cls, options):
+        Options(options).done()
+        return cls()
+
+    async def on_request(self, call):
+        if header_value(call.headers, b"x-allowed") != b"yes":
+            return Respond(403, "not allowed: café", reason="denied")
+        return CONTINUE
+
+
+async def test_own_filter_by_import_path_answers_http_and_grpc(tmp_path):
+    async with trio.open_nursery() as nursery:
+        backend = await harness.start_backend(nursery)
+        text = harness.proxy_yaml(
+            f"127.0.0.1:{backend.port}",
+            filters='- {name: "tests.test_http2:DenyFilter"}\n- {name: headers, response: {set: {x-seen: "1"}}}',
+        )
+        app = await harness.start_proxy(nursery, harness.write_config(tmp_path, text))
+        client = await H2Client.connect(harness.listen_port(app))
+        status, headers, body, _ = await client.get("/size/1")
+        assert (status, body) == (403, "not allowed: café\n".encode())
+        assert b"x-seen" not in dict(headers)  # the later filter never saw the call
+        status, headers, _, _ = await client.get("/pkg.Svc/M", method="POST", extra=[(b"content-type", b"application/grpc")])
+        h = dict(headers)
+        assert status == 200 and h[b"grpc-status"] == b"7" and h[b"grpc-message"] == b"not allowed: caf%C3%A9"
+        status, headers, body, _ = await client.get("/size/2", extra=[(b"x-allowed", b"yes")])
+        assert (status, body, dict(headers)[b"x-seen"]) == (200, b"xx", b"1")
+        await harness.eventually(lambda: harness.metric(app, "meshproxy_local_replies_total", listener="test", reason="denied") == 2)
+        nursery.cancel_scope.cancel()
