@@ -404,6 +404,21 @@ class Bench:
         self.wait_tcp(svc)
         return svc
 
+    def refresh_origin(self) -> None:
+        """Reload the origin (fresh workers, fresh connections) before a measurement.
+
+        nginx slows down on an HTTP/2 connection that has carried a few
+        hundred thousand requests (its per-connection memory is only freed
+        when the connection closes): seen here as a proxy that keeps one
+        pooled upstream connection losing half its /16k throughput over
+        three runs, recovering at once after an origin reload. Reloading
+        before every measurement gives every target the same fresh origin.
+        """
+        conf = self.dir / "origin.conf"
+        subprocess.run(["nginx", "-c", str(conf), "-e", str(self.dir / "origin.stderr.log"), "-s", "reload"],
+                       check=True, capture_output=True, timeout=10)
+        time.sleep(0.5)  # old workers finish and close; new ones take over
+
     def start_target(self, target: str, origin: Service) -> Service | None:
         """Start one target (None for direct) and wait until it is ready."""
         if target == "direct":

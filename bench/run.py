@@ -118,6 +118,7 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
         for size_name in h.SIZES:
             runs = []
             for i in range(o.reps):
+                b.refresh_origin()
                 args = ["-c", str(CLIENTS), "-m", str(STREAMS), "-D", str(o.duration),
                         "--warm-up-time", str(o.warmup), base + "/" + size_name]
                 r, out = run_h2load_probed(args, o.timeout, pid, o.warmup + 0.2)
@@ -138,6 +139,7 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
             res[size_name] = entry
 
         # latency at concurrency 1
+        b.refresh_origin()
         r, out = h.h2load(["-n", "500", "-c", "1", "-m", "1", base + "/small"], timeout=o.timeout)
         problems.add(target, "latency warm-up", h.h2load_problems(r, expect_n=500, size=100), out)
         log = b.dir / f"latency-{target}.log"

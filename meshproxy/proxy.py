@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # A GOAWAY can refuse many streams at once (nginx sends one every 1000
 # requests); each call is retried on another connection at most this often.
 MAX_REFUSED_RETRIES = 3
+# A local reply after a deadline or a crash may wait this long for the
+# client's flow-control window, then the stream is reset instead.
+LOCAL_REPLY_GRACE = 1.0
 
 _STATUS = {code: str(code).encode() for code in range(100, 600)}
 
@@ -159,7 +162,7 @@ class HttpProxy:
             log.exception("call %s on listener %s failed", call.request_id, name)
             out.reason = out.reason or "internal_error"
             if not out.response_started:
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                with trio.CancelScope(shield=True), trio.move_on_after(LOCAL_REPLY_GRACE):
                     await self._reply(call, link, stream, out, 500, status.INTERNAL, "internal proxy error")
         finally:
             active.dec()
@@ -348,7 +351,9 @@ class HttpProxy:
         out.reason = err.reason
         self.state.metrics.child(self.state.metrics.local_replies, call.listener, err.reason).inc()
         if not out.response_started:
-            await self._reply(call, link, stream, out, err.http_status, err.grpc_status, err.message)
+            # The deadline has passed: the reply itself gets a short grace period.
+            with trio.move_on_after(LOCAL_REPLY_GRACE):
+                await self._reply(call, link, stream, out, err.http_status, err.grpc_status, err.message)
         elif call.is_grpc and not stream.sent_end:
             out.grpc_status = str(status.DEADLINE_EXCEEDED)
             link.send_headers(stream, grpc.status_trailers(status.DEADLINE_EXCEEDED, err.message), True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import h2.events
@@ -282,7 +283,7 @@ async def test_h2load_smoke(tmp_path):
 def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path):
     backend_port = harness.free_port()
     backend_proc = subprocess.Popen(
-        ["python", "-m", "meshproxy.demo", "backend", "--port", str(backend_port)], stdout=subprocess.PIPE
+        [sys.executable, "-m", "meshproxy.demo", "backend", "--port", str(backend_port)], stdout=subprocess.PIPE
     )
     try:
         assert backend_proc.stdout is not None
@@ -342,7 +343,7 @@ def test_address_in_use_is_one_clear_line_and_exit_1(tmp_path):
         port = taken.getsockname()[1]
         text = harness.proxy_yaml("127.0.0.1:1", listen=f"127.0.0.1:{port}")
         result = subprocess.run(
-            ["python", "-m", "meshproxy", "--conf", str(harness.write_config(tmp_path, text))],
+            [sys.executable, "-m", "meshproxy", "--conf", str(harness.write_config(tmp_path, text))],
             capture_output=True, text=True, timeout=20,
         )
     assert result.returncode == 1
