@@ -383,3 +383,31 @@ async def test_own_filter_by_import_path_answers_http_and_grpc(tmp_path):
         assert (status, body, dict(headers)[b"x-seen"]) == (200, b"xx", b"1")
         await harness.eventually(lambda: harness.metric(app, "meshproxy_local_replies_total", listener="test", reason="denied") == 2)
         nursery.cancel_scope.cancel()
+
+
+async def test_unix_socket_listener_and_endpoint(tmp_path):
+    """front (TCP) -> cluster with a unix: endpoint = listener back (unix socket) -> backend (TCP)."""
+    sock = tmp_path / "back.sock"
+    async with trio.open_nursery() as nursery:
+        backend = await harness.start_backend(nursery)
+        text = harness.proxy_yaml(f"unix:{sock}")
+        text = text.replace("clusters:\n", f"""  - name: back
+    direction: ingress
+    address: "unix:{sock}"
+    routes:
+      - match: {{prefix: /}}
+        cluster: local
+clusters:
+  - name: local
+    protocol: http2
+    endpoints: ["127.0.0.1:{backend.port}"]
+""")
+        app = await harness.start_proxy(nursery, harness.write_config(tmp_path, text))
+        client = await H2Client.connect(harness.listen_port(app))
+        status, _, body, _ = await client.get("/size/7")
+        assert (status, body) == (200, b"x" * 7)
+        await harness.eventually(lambda: harness.metric(
+            app, "meshproxy_requests_total", listener="back", direction="ingress", route="back.0",
+            destination_service="local", response_code="200", grpc_response_status="-") == 1)
+        nursery.cancel_scope.cancel()
+    assert not sock.exists()  # removed when the listener stopped

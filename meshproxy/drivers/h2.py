@@ -238,6 +238,7 @@ class H2Link:
         """Send `data` as the window allows; waits for WINDOW_UPDATE, never buffers more."""
         conn = self.conn
         sid = stream.id
+        pending: bytes | memoryview = data
         while True:
             if stream.reset_code is not None:
                 raise StreamReset(stream.reset_code)
@@ -246,14 +247,16 @@ class H2Link:
             try:
                 window = conn.local_flow_control_window(sid)
                 frame_max = conn.max_outbound_frame_size
-                size = len(data)
+                size = len(pending)
                 if size <= window and size <= frame_max:
-                    conn.send_data(sid, data, end_stream=end)
+                    conn.send_data(sid, pending, end_stream=end)  # type: ignore[arg-type]
                     break
                 if window > 0:
+                    if type(pending) is bytes:
+                        pending = memoryview(pending)  # slices below copy nothing
                     n = min(window, frame_max)
-                    conn.send_data(sid, data[:n])
-                    data = data[n:]
+                    conn.send_data(sid, pending[:n])  # type: ignore[arg-type]
+                    pending = pending[n:]
                     self.flush()
                     continue
             except h2.exceptions.ProtocolError as e:
