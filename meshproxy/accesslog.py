@@ -30,6 +30,7 @@ class AccessLog:
         self._dropped = metrics.access_log_dropped
         self._file: IO[str] | None = None
         self._wake = trio.Event()
+        self._closed = False
 
     def open(self) -> None:
         if not self.enabled:
@@ -54,9 +55,9 @@ class AccessLog:
             self._file.flush()
 
     async def run(self) -> None:
-        """Flush periodically; runs for the process's life."""
+        """Flush periodically, until closed (a reload replaces the log)."""
         try:
-            while True:
+            while not self._closed:
                 with trio.move_on_after(FLUSH_INTERVAL):
                     await self._wake.wait()
                     self._wake = trio.Event()
@@ -67,6 +68,9 @@ class AccessLog:
             self.flush()
 
     def close(self) -> None:
+        self._closed = True
+        self.enabled = False  # calls still running on an older config stop writing here
+        self._wake.set()
         self.flush()
         if self._file is not None and self._file is not sys.stdout:
             self._file.close()

@@ -100,7 +100,7 @@ class StatelessEncoder:
         self._prefix = b"\x20"
         self.header_table_size = 4096
 
-    def encode(self, headers: object, huffman: bool = True) -> bytes:
+    def encode(self, headers: object) -> bytes:
         cache = _ENCODED
         parts = [self._prefix]
         self._prefix = b""
@@ -120,7 +120,14 @@ class StatelessEncoder:
         return b"".join(parts)
 
 
-def _huffman_cached(cache: dict[bytes, bytes], data: bytes) -> bytes:
+# Huffman-coded string -> decoded bytes: a pure memo shared by every
+# connection (one cache per connection would multiply its bound by 10,000
+# idle connections).
+_HUFFMAN_DECODED: dict[bytes, bytes] = {}
+
+
+def _huffman_cached(data: bytes) -> bytes:
+    cache = _HUFFMAN_DECODED
     out = cache.get(data)
     if out is None:
         out = decode_huffman(data)
@@ -136,14 +143,12 @@ class LeanDecoder(Decoder):
 
     def __init__(self, max_header_list_size: int) -> None:
         super().__init__(max_header_list_size=max_header_list_size)
-        self._huffman_cache: dict[bytes, bytes] = {}
 
     def decode(self, data: bytes, raw: bool = False) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
         if not raw:
             return super().decode(data, raw)  # type: ignore[return-value]
         table = self.header_table
         get = table.get_by_index
-        hcache = self._huffman_cache
         limit = self.max_header_list_size
         headers: list[tuple[bytes, bytes]] = []
         n = len(data)
@@ -183,8 +188,8 @@ class LeanDecoder(Decoder):
                     name = get(name_index)[0]
                 else:
                     i += 1
-                    name, i = self._string(data, view, i, n, hcache)
-                value, i = self._string(data, view, i, n, hcache)
+                    name, i = self._string(data, view, i, n)
+                value, i = self._string(data, view, i, n)
                 if index_it:
                     table.add(name, value)
             size += 32 + len(name) + len(value)  # RFC 7541 4.1 entry size
@@ -195,7 +200,7 @@ class LeanDecoder(Decoder):
         return headers
 
     @staticmethod
-    def _string(data: bytes, view: memoryview, i: int, n: int, hcache: dict[bytes, bytes]) -> tuple[bytes, int]:
+    def _string(data: bytes, view: memoryview, i: int, n: int) -> tuple[bytes, int]:
         if i >= n:
             raise HPACKDecodingError("Truncated header block")
         b = data[i]
@@ -210,5 +215,5 @@ class LeanDecoder(Decoder):
             raise HPACKDecodingError("Truncated header block")
         raw = data[i:end]
         if b & 0x80:
-            raw = _huffman_cached(hcache, raw)
+            raw = _huffman_cached(raw)
         return raw, end
