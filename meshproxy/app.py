@@ -59,6 +59,7 @@ class App:
             clusters=clusters,
             access_log=self.access_log,
             metrics=self.metrics,
+            node_service=self.config.node.service,
         )
 
     def _admin_source(self) -> AdminSource:

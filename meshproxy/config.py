@@ -79,6 +79,9 @@ class RouteMatch:
     prefix: str | None = None
     path: str | None = None
     headers: tuple[HeaderMatch, ...] = ()
+    # Thrift calls: their service and method (the path is "/service/method").
+    service: str | None = None
+    method: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,26 @@ class FilterSpec:
         return dict(self.options)
 
 
+THRIFT_TRANSPORTS = ("framed", "buffered", "header", "ttheader", "auto")
+THRIFT_PROTOCOLS = ("binary", "compact", "auto")
+
+
+@dataclass(frozen=True, slots=True)
+class ThriftListener:
+    """How downstream Thrift connections are read (each limit has a reason in docs)."""
+
+    transport: str = "auto"  # auto: detected from each connection's first bytes
+    protocol: str = "auto"
+    # The service of calls that name none (no TTHeader ToService, no "Service:" prefix).
+    service: str = ""
+    max_frame_size: int = 16 * 1024 * 1024
+    max_header_size: int = 64 * 1024
+    # Calls in flight per connection; past it the connection is not read.
+    max_pending_per_connection: int = 256
+    idle_timeout: float = 300.0
+    write_timeout: float = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     name: str
@@ -107,6 +130,7 @@ class Listener:
     filters: tuple[FilterSpec, ...] = ()
     routes: tuple[Route, ...] = ()
     http2: Http2Listener = Http2Listener()
+    thrift: ThriftListener = ThriftListener()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +148,22 @@ class Http2Cluster:
 
 
 @dataclass(frozen=True, slots=True)
+class ThriftCluster:
+    transport: str = "framed"  # auto: the same framing the caller used
+    protocol: str = "auto"  # binary and compact are never translated into each other
+    # The upstream answers out of order (matched by seqid), so one connection
+    # carries many calls without head-of-line blocking.
+    mux: bool = False
+    max_connections_per_endpoint: int = 8
+    max_requests_per_connection: int = 64
+    max_pending: int = 1024
+    max_frame_size: int = 16 * 1024 * 1024
+    max_header_size: int = 64 * 1024
+    write_timeout: float = 30.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     protocol: str
@@ -131,6 +171,7 @@ class Cluster:
     lb: str = "round_robin"
     connect_timeout: float = 1.0
     http2: Http2Cluster = Http2Cluster()
+    thrift: ThriftCluster = ThriftCluster()
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +331,14 @@ def _window(raw: object) -> int:
     return size
 
 
+def _frame_size(raw: object) -> int:
+    size = parse_size(raw)
+    # THeader/TTHeader reserve the top bits of the length (0x3FFFFFFF is their maximum).
+    if not 1024 <= size <= 0x3FFFFFFF:
+        raise ValueError(f"expected a size from 1KiB to 1GiB-1, got {size}")
+    return size
+
+
 def _positive_duration(raw: object) -> float:
     value = parse_duration(raw)
     if value <= 0:
@@ -311,6 +360,14 @@ _DATACLASS_PARSERS: dict[str, Callable[[object], Any]] = {
     "write_timeout": _positive_duration,
     "keepalive_interval": _positive_duration,
     "keepalive_timeout": _positive_duration,
+    "transport": _one_of(THRIFT_TRANSPORTS),
+    "protocol": _one_of(THRIFT_PROTOCOLS),
+    "service": _string,
+    "max_frame_size": _frame_size,
+    "max_header_size": parse_size,
+    "max_pending_per_connection": _positive_int,
+    "max_requests_per_connection": _positive_int,
+    "mux": _bool,
 }
 
 
@@ -331,9 +388,7 @@ def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) ->
     if "match" in m:
         with r.at("match"):
             if protocol == "thrift":
-                # Thrift routes are validated by the Thrift listener (issue 3).
-                r.problem("thrift listeners are not supported yet")
-                raise _Invalid
+                return Route(name, _thrift_match(r, m["match"]), cluster, timeout)
             mm = r.mapping(m["match"], ("prefix", "path", "headers"))
             prefix = r.value(mm, "prefix", _path_string, None)
             path = r.value(mm, "path", _path_string, None)
@@ -345,6 +400,28 @@ def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) ->
                     headers = r.each(mm["headers"], lambda _, h: _header_match(r, h))
             match = RouteMatch(prefix=prefix, path=path, headers=tuple(h for _, h in headers))
     return Route(name=name, match=match, cluster=cluster, timeout=timeout)
+
+
+def _thrift_match(r: _Reader, raw: object) -> RouteMatch:
+    if raw is None:
+        return RouteMatch()  # `match:` with nothing after it matches every call
+    mm = r.mapping(raw, ("service", "method", "headers"))
+    headers: list[tuple[int, HeaderMatch]] = []
+    if "headers" in mm:
+        with r.at("headers"):
+            headers = r.each(mm["headers"], lambda _, h: _header_match(r, h))
+    return RouteMatch(
+        headers=tuple(h for _, h in headers),
+        service=r.value(mm, "service", _name_part, None),
+        method=r.value(mm, "method", _name_part, None),
+    )
+
+
+def _name_part(raw: object) -> str:
+    value = _string(raw)
+    if "/" in value:
+        raise ValueError(f"expected a name without '/', got {raw!r}")
+    return value
 
 
 def _path_string(raw: object) -> str:
@@ -388,7 +465,7 @@ class _Parsed:
 def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
     m = r.mapping(
         raw,
-        ("name", "direction", "address", "protocol", "filters", "routes", "http2"),
+        ("name", "direction", "address", "protocol", "filters", "routes", "http2", "thrift"),
         required=("name", "direction", "address"),
     )
     name = r.value(m, "name", _string, f"listener{index}")
@@ -397,8 +474,6 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
         m, "address", lambda v: parse_address(v, allow_port_zero=True), Address("tcp")
     )
     protocol = r.value(m, "protocol", _one_of(PROTOCOLS), "http2")
-    if protocol == "thrift":
-        r.problem("thrift listeners are not supported yet (issue 3)", "protocol")
     filters: list[tuple[int, FilterSpec]] = []
     if "filters" in m:
         with r.at("filters"):
@@ -411,6 +486,7 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
     if "http2" in m:
         with r.at("http2"):
             http2 = _limits(r, m["http2"], Http2Listener)
+    thrift = _protocol_section(r, m, protocol, ThriftListener)
     listener = Listener(
         name,
         direction,
@@ -419,6 +495,7 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
         tuple(f for _, f in filters),
         tuple(x for _, x in routes),
         http2,
+        thrift,
     )
     return _Parsed(listener, tuple(i for i, _ in routes), tuple(i for i, _ in filters))
 
@@ -426,13 +503,11 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
 def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
     m = r.mapping(
         raw,
-        ("name", "protocol", "endpoints", "lb", "connect_timeout", "http2"),
+        ("name", "protocol", "endpoints", "lb", "connect_timeout", "http2", "thrift"),
         required=("name", "endpoints"),
     )
     name = r.value(m, "name", _string, f"cluster{index}")
     protocol = r.value(m, "protocol", _one_of(PROTOCOLS), "http2")
-    if protocol == "thrift":
-        r.problem("thrift clusters are not supported yet (issue 3)", "protocol")
     endpoints: list[Address] = []
     if "endpoints" in m:
         with r.at("endpoints"):
@@ -447,7 +522,21 @@ def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
     if "http2" in m:
         with r.at("http2"):
             http2 = _limits(r, m["http2"], Http2Cluster)
-    return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2)
+    thrift = _protocol_section(r, m, protocol, ThriftCluster)
+    return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift)
+
+
+def _protocol_section(r: _Reader, m: dict[str, Any], protocol: str, cls: type[T]) -> T:
+    if "thrift" not in m:
+        return cls()
+    if protocol != "thrift":
+        r.problem("only for protocol: thrift", "thrift")
+        return cls()
+    with r.at("thrift"):
+        try:
+            return _limits(r, m["thrift"], cls)
+        except _Invalid:
+            return cls()
 
 
 def _endpoint(r: _Reader, raw: object) -> Address:
@@ -541,6 +630,7 @@ def _cross_check(
     validate_filter: FilterValidator | None,
 ) -> None:
     known = [c.name for _, c in clusters]
+    by_name = {c.name: c for _, c in clusters}
     _duplicates(r, "clusters", [(i, c.name) for i, c in clusters])
     _duplicates(r, "listeners", [(i, p.listener.name) for i, p in listeners])
     seen_addresses: dict[Address, str] = {}
@@ -554,10 +644,21 @@ def _cross_check(
                     f"listeners[{li}].address",
                 )
         for ri, route in zip(p.route_index, lst.routes, strict=True):
+            key = f"listeners[{li}].routes[{ri}].cluster"
             if route.cluster and route.cluster not in known:
+                r.problem(f"unknown cluster '{route.cluster}' (known: {', '.join(known) or 'none'})", key)
+                continue
+            target = by_name.get(route.cluster)
+            if target is None:
+                continue
+            if target.protocol != lst.protocol:
+                r.problem(f"cluster '{target.name}' speaks {target.protocol}, this listener {lst.protocol}", key)
+            elif lst.protocol == "thrift" and "auto" not in (lst.thrift.protocol, target.thrift.protocol) \
+                    and lst.thrift.protocol != target.thrift.protocol:
                 r.problem(
-                    f"unknown cluster '{route.cluster}' (known: {', '.join(known) or 'none'})",
-                    f"listeners[{li}].routes[{ri}].cluster",
+                    f"cluster '{target.name}' speaks thrift {target.thrift.protocol}, this listener "
+                    f"{lst.thrift.protocol} (binary and compact are not translated)",
+                    key,
                 )
         if validate_filter is None:
             continue

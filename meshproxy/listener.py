@@ -16,10 +16,13 @@ import stat
 import trio
 
 from meshproxy.config import Listener as ListenerConfig
+from meshproxy.codec import thrift
 from meshproxy.drivers.h2 import ServerLink
+from meshproxy.drivers.thrift import ServerConnection
 from meshproxy.drivers.transport import Transport
 from meshproxy.metrics import Metrics
 from meshproxy.proxy import HttpProxy, ListenerState
+from meshproxy.thrift_proxy import ThriftProxy
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,9 @@ def _bind(config: ListenerConfig) -> socket.socket:
 class ListenerRuntime:
     def __init__(self, config: ListenerConfig, state: ListenerState, metrics: Metrics) -> None:
         self.config = config
-        self.proxy = HttpProxy(state)
+        self.proxy: HttpProxy | ThriftProxy = ThriftProxy(state) if config.protocol == "thrift" else HttpProxy(state)
         self.metrics = metrics
-        self.links: set[ServerLink] = set()
+        self.links: set[ServerLink | ServerConnection] = set()
         self.bound = ""
         self._sock: socket.socket | None = None
         self._accepting = trio.CancelScope()
@@ -122,23 +125,40 @@ class ListenerRuntime:
         name = c.name
         m = self.metrics
         try:
-            transport = Transport(sock, h.write_timeout)
+            transport = Transport(sock, c.thrift.write_timeout if c.protocol == "thrift" else h.write_timeout)
         except OSError:
             sock.close()
             return
         errors = m.downstream_protocol_errors
-        link = ServerLink(
+        link: ServerLink | ServerConnection
+        if isinstance(self.proxy, ThriftProxy):
+            t = c.thrift
+            link = ServerConnection(
+                transport,
+                thrift.Reader(
+                    None if t.transport == "auto" else t.transport,
+                    {"binary": thrift.BINARY, "compact": thrift.COMPACT}.get(t.protocol),
+                    t.max_frame_size,
+                    t.max_header_size,
+                ),
+                handler=self.proxy.handle,
+                on_protocol_error=self.proxy.protocol_error,
+                max_pending=t.max_pending_per_connection,
+                idle_timeout=t.idle_timeout,
+            )
+        else:
+            link = ServerLink(
             transport,
-            handler=self.proxy.handle,
-            max_concurrent_streams=h.max_concurrent_streams,
-            max_header_list_size=h.max_header_list_size,
-            stream_window=h.stream_window,
-            connection_window=h.connection_window,
-            keepalive_interval=h.keepalive_interval,
-            keepalive_timeout=h.keepalive_timeout,
-            idle_timeout=h.idle_timeout,
-            on_protocol_error=lambda scope: m.child(errors, name, scope).inc(),
-        )
+                handler=self.proxy.handle,
+                max_concurrent_streams=h.max_concurrent_streams,
+                max_header_list_size=h.max_header_list_size,
+                stream_window=h.stream_window,
+                connection_window=h.connection_window,
+                keepalive_interval=h.keepalive_interval,
+                keepalive_timeout=h.keepalive_timeout,
+                idle_timeout=h.idle_timeout,
+                on_protocol_error=lambda scope: m.child(errors, name, scope).inc(),
+            )
         self.links.add(link)
         active = m.child(m.downstream_connections_active, name)
         m.child(m.downstream_connections, name).inc()

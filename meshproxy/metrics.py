@@ -44,6 +44,7 @@ class Metrics:
     config_reloads: Counter
     config_last_reload_success: Gauge
     access_log_dropped: Counter
+    thrift_calls: Counter
     # prometheus_client's .labels() hashes and validates on every call; the
     # label sets are bounded, so the children are cached here.
     _children: dict[Any, Any]
@@ -121,6 +122,11 @@ class Metrics:
             ),
             access_log_dropped=Counter(
                 "meshproxy_access_log_dropped", "Access log lines dropped (buffer full)", registry=r,
+            ),
+            thrift_calls=Counter(
+                "meshproxy_thrift_calls", "Thrift calls by service, method and result "
+                "(reply, exception, oneway, or the local reply's reason)",
+                ("listener", "direction", "service", "method", "result"), registry=r,
             ),
             _children={},
         )

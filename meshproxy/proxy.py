@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from h2.errors import ErrorCodes
@@ -56,9 +57,11 @@ class ListenerState:
     config: ListenerConfig
     router: Router
     chain: Chain
-    clusters: dict[str, Cluster]
+    # Cluster for HTTP/2 listeners, ThriftCluster for Thrift ones (the config checks).
+    clusters: dict[str, Any]
     access_log: AccessLog
     metrics: Metrics
+    node_service: str = "meshproxy"
 
 
 class _Outcome:
@@ -191,7 +194,7 @@ class HttpProxy:
             return
         if call.cluster is None:
             raise NoRoute(f"no route for {call.path}")
-        cluster = state.clusters.get(call.cluster)
+        cluster: Cluster | None = state.clusters.get(call.cluster)
         if cluster is None:
             raise UpstreamUnavailable(f"unknown cluster '{call.cluster}'")
 

@@ -11,12 +11,21 @@ from meshproxy.config import HeaderMatch, Route
 
 
 class _Compiled:
-    __slots__ = ("headers", "path", "prefix", "route")
+    __slots__ = ("headers", "method_suffix", "path", "prefix", "route")
 
     def __init__(self, route: Route) -> None:
         self.route = route
-        self.prefix = route.match.prefix
-        self.path = route.match.path
+        m = route.match
+        self.prefix = m.prefix
+        self.path = m.path
+        # Thrift calls have the path "/service/method".
+        self.method_suffix: str | None = None
+        if m.service is not None and m.method is not None:
+            self.path = f"/{m.service}/{m.method}"
+        elif m.service is not None:
+            self.prefix = f"/{m.service}/"
+        elif m.method is not None:
+            self.method_suffix = f"/{m.method}"
         self.headers = tuple(
             (h.name.encode(), h.exact.encode() if h.exact is not None else None,
              h.prefix.encode() if h.prefix is not None else None, h.present)
@@ -39,6 +48,8 @@ class Router:
                 if path.partition("?")[0] != r.path:
                     continue
             elif r.prefix is not None and not path.startswith(r.prefix):
+                continue
+            if r.method_suffix is not None and not path.endswith(r.method_suffix):
                 continue
             if r.headers and not _headers_match(r.headers, headers):
                 continue

@@ -30,6 +30,7 @@ ABOVE_DRIVERS = (
     "meshproxy.admin",
     "meshproxy.app",
     "meshproxy.proxy",
+    "meshproxy.thrift_proxy",
     "meshproxy.listener",
     "meshproxy.cli",
     "meshproxy.demo",

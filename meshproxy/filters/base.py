@@ -141,6 +141,14 @@ class Chain:
             if _overrides(f, "on_response")
         )
 
+    @property
+    def has_request_hooks(self) -> bool:
+        return bool(self._request)
+
+    @property
+    def has_response_hooks(self) -> bool:
+        return bool(self._response)
+
     async def on_request(self, call: Call) -> tuple[Respond | None, int]:
         """Run request hooks; (the local reply or None, how many filters ran)."""
         for i, hook in self._request:

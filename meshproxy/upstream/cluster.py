@@ -14,6 +14,7 @@ from meshproxy.errors import UpstreamUnavailable
 from meshproxy.metrics import Metrics
 from meshproxy.upstream import lb
 from meshproxy.upstream.pool import ConnectFailed, EndpointPool
+from meshproxy.upstream.thrift_cluster import ThriftCluster
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -68,20 +69,28 @@ class Cluster:
                 nursery.start_soon(pool.close, timeout)
 
 
+AnyCluster = Cluster | ThriftCluster
+
+
 class ClusterManager:
     """Owns every cluster; a reload reuses clusters whose config did not change."""
 
     def __init__(self, nursery: trio.Nursery, metrics: Metrics) -> None:
         self._nursery = nursery
         self._metrics = metrics
-        self.clusters: dict[str, Cluster] = {}
+        self.clusters: dict[str, AnyCluster] = {}
 
-    def update(self, configs: tuple[ClusterConfig, ...]) -> tuple[dict[str, Cluster], list[Cluster]]:
+    def update(self, configs: tuple[ClusterConfig, ...]) -> tuple[dict[str, AnyCluster], list[AnyCluster]]:
         """The clusters for a new config, and the old ones it no longer uses."""
-        new: dict[str, Cluster] = {}
+        new: dict[str, AnyCluster] = {}
         for c in configs:
             old = self.clusters.get(c.name)
-            new[c.name] = old if old is not None and old.config == c else Cluster(c, self._nursery, self._metrics)
+            if old is not None and old.config == c:
+                new[c.name] = old
+            elif c.protocol == "thrift":
+                new[c.name] = ThriftCluster(c, self._nursery, self._metrics)
+            else:
+                new[c.name] = Cluster(c, self._nursery, self._metrics)
         retired = [c for name, c in self.clusters.items() if new.get(name) is not c]
         self.clusters = new
         return new, retired

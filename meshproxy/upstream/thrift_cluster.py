@@ -1,0 +1,219 @@
+"""A Thrift cluster: pooled upstream connections shared by every downstream call.
+
+Knows: which endpoint and which connection takes a call next, when to open
+another connection, and how long to avoid an endpoint that failed. Must not:
+route, render errors, or translate framings (the Thrift proxy does).
+
+Calls from many downstream connections share upstream connections: each call
+gets a fresh seqid on the connection it is written to. An upstream that
+answers in order (`mux: false`) gets a new connection while every open one is
+busy, up to `max_connections_per_endpoint`, and only then pipelining; one
+that answers out of order (`mux: true`) fills a connection up to
+`max_requests_per_connection` before another is opened.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from meshproxy.codec import thrift
+from meshproxy.config import Cluster as ClusterConfig
+from meshproxy.drivers.thrift import UpstreamConnection
+from meshproxy.drivers.transport import Transport, connect
+from meshproxy.errors import UpstreamOverflow, UpstreamUnavailable
+from meshproxy.metrics import Metrics
+from meshproxy.upstream import lb
+from meshproxy.upstream.pool import FAILURE_BACKOFF, FAILURE_BACKOFF_MAX, ConnectFailed
+from meshproxy.values import Address
+
+log = logging.getLogger(__name__)
+
+
+class ThriftEndpointPool:
+    def __init__(self, cluster: ClusterConfig, address: Address, nursery: trio.Nursery, metrics: Metrics) -> None:
+        self.cluster = cluster.name
+        self.options = cluster.thrift
+        self.connect_timeout = cluster.connect_timeout
+        self.address = address
+        self.name = str(address)
+        self.links: list[tuple[str, UpstreamConnection]] = []  # (transport, connection)
+        self.active_requests = 0
+        self.consecutive_failures = 0
+        self.retry_after = 0.0
+        self.last_error = ""
+        self.pending = 0
+        self._connecting: dict[str, int] = {}
+        self._capacity = trio.Event()
+        self._nursery = nursery
+        self._metrics = metrics
+
+    def healthy(self, now: float) -> bool:
+        return now >= self.retry_after
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "address": self.name,
+            "healthy": self.healthy(trio.current_time()),
+            "active_requests": self.active_requests,
+            "connections": [
+                {"transport": t, "in_flight": len(c.waiting), "max_requests": c.max_requests}
+                for t, c in self.links
+            ],
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+        }
+
+    def _capacity_changed(self) -> None:
+        self._capacity.set()
+        self._capacity = trio.Event()
+
+    def pick(self, transport: str) -> UpstreamConnection | None:
+        """An open connection that takes a call now without queueing behind another, if any."""
+        best: UpstreamConnection | None = None
+        for t, link in self.links:
+            if t != transport or link.available <= 0:
+                continue
+            if best is None or len(link.waiting) < len(best.waiting):
+                best = link
+                if not link.waiting:
+                    break
+        return best
+
+    async def acquire(self, transport: str) -> UpstreamConnection:
+        o = self.options
+        while True:
+            best = self.pick(transport)
+            mine = sum(1 for t, _ in self.links if t == transport) + self._connecting.get(transport, 0)
+            can_open = mine < o.max_connections_per_endpoint
+            if best is not None and (not best.waiting or o.mux or not can_open):
+                return best
+            if can_open:
+                try:
+                    return await self._connect(transport)
+                except ConnectFailed:
+                    if best is not None:
+                        return best
+                    raise
+            if self.pending >= o.max_pending:
+                raise UpstreamOverflow(f"{self.name}: every connection is full and {self.pending} calls wait")
+            self.pending += 1
+            try:
+                await self._capacity.wait()
+            finally:
+                self.pending -= 1
+
+    async def _connect(self, transport: str) -> UpstreamConnection:
+        self._connecting[transport] = self._connecting.get(transport, 0) + 1
+        m = self._metrics
+        try:
+            a = self.address
+            sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
+        except (OSError, trio.TooSlowError) as e:
+            reason = "connect timeout" if isinstance(e, trio.TooSlowError) else (e.strerror or str(e))
+            self._failed(reason)
+            m.child(m.upstream_connect_failures, self.cluster).inc()
+            raise ConnectFailed(f"{self.name}: {reason}") from None
+        finally:
+            self._connecting[transport] -= 1
+        self.consecutive_failures = 0
+        self.retry_after = 0.0
+        o = self.options
+        link = UpstreamConnection(
+            Transport(sock, o.write_timeout),
+            thrift.Reader(transport, None, o.max_frame_size, o.max_header_size),
+            endpoint=self.name,
+            max_requests=o.max_requests_per_connection,
+            idle_timeout=o.idle_timeout,
+            on_protocol_error=m.child(m.upstream_protocol_errors, self.cluster).inc,
+        )
+        link.capacity_changed = self._capacity_changed
+        self.links.append((transport, link))
+        self._nursery.start_soon(self._run, transport, link)
+        return link
+
+    def _failed(self, reason: str) -> None:
+        self.consecutive_failures += 1
+        self.last_error = reason
+        backoff = min(FAILURE_BACKOFF * 2 ** (self.consecutive_failures - 1), FAILURE_BACKOFF_MAX)
+        self.retry_after = trio.current_time() + backoff
+        log.warning("cluster %s: cannot connect to %s: %s", self.cluster, self.name, reason)
+
+    async def _run(self, transport: str, link: UpstreamConnection) -> None:
+        m = self._metrics
+        active = m.child(m.upstream_connections_active, self.cluster)
+        m.child(m.upstream_connections, self.cluster).inc()
+        active.inc()
+        try:
+            await link.run()
+        finally:
+            active.dec()
+            if (transport, link) in self.links:
+                self.links.remove((transport, link))
+            self._capacity_changed()
+
+    async def close(self, timeout: float) -> None:
+        async with trio.open_nursery() as nursery:
+            for _, link in list(self.links):
+                nursery.start_soon(link.close_gracefully, timeout)
+
+
+class ThriftCluster:
+    protocol = "thrift"
+
+    def __init__(self, config: ClusterConfig, nursery: trio.Nursery, metrics: Metrics) -> None:
+        self.config = config
+        self.name = config.name
+        self.options = config.thrift
+        self.pools = [ThriftEndpointPool(config, a, nursery, metrics) for a in config.endpoints]
+        self._lb = lb.make(config.lb)
+        self._active = metrics.child(metrics.upstream_streams_active, config.name)
+
+    def __repr__(self) -> str:
+        return f"<ThriftCluster {self.name}>"
+
+    def fixed_transport(self, caller: str) -> str:
+        t = self.options.transport
+        return caller if t == "auto" else t
+
+    async def acquire(self, transport: str) -> tuple[ThriftEndpointPool, UpstreamConnection]:
+        """A connection with room for one more call; UpstreamUnavailable if no endpoint takes it."""
+        tried: set[int] = set()
+        errors: list[str] = []
+        now = trio.current_time()
+        pools = self.pools
+        if len(pools) == 1:
+            # One endpoint (a sidecar's local app, most often): no balancing to do.
+            link = pools[0].pick(transport)
+            if link is not None and (self.options.mux or not link.waiting):
+                return pools[0], link
+        while len(tried) < len(pools):
+            i = self._lb.pick(pools, now, tried)
+            if i is None:
+                break
+            tried.add(i)
+            pool = pools[i]
+            try:
+                return pool, await pool.acquire(transport)
+            except ConnectFailed as e:
+                errors.append(str(e))
+        detail = "; ".join(errors) or "no endpoints"
+        raise UpstreamUnavailable(f"cluster '{self.name}' has no reachable endpoint ({detail})")
+
+    def call_started(self, pool: ThriftEndpointPool) -> None:
+        pool.active_requests += 1
+        self._active.inc()
+
+    def call_done(self, pool: ThriftEndpointPool) -> None:
+        pool.active_requests -= 1
+        self._active.dec()
+
+    def snapshot(self) -> dict[str, object]:
+        return {"name": self.name, "protocol": "thrift", "lb": self.config.lb,
+                "endpoints": [p.snapshot() for p in self.pools]}
+
+    async def close(self, timeout: float) -> None:
+        async with trio.open_nursery() as nursery:
+            for pool in self.pools:
+                nursery.start_soon(pool.close, timeout)
