@@ -15,8 +15,8 @@ import stat
 
 import trio
 
-from meshproxy.config import Listener as ListenerConfig
 from meshproxy.codec import thrift
+from meshproxy.config import Listener as ListenerConfig
 from meshproxy.drivers.h2 import ServerLink
 from meshproxy.drivers.thrift import ServerConnection
 from meshproxy.drivers.transport import Transport

@@ -396,3 +396,66 @@ def test_cli_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout == f"meshproxy {meshproxy.__version__}\n"
+
+
+THRIFT = """\
+listeners:
+  - name: tin
+    direction: egress
+    address: "127.0.0.1:15002"
+    protocol: thrift
+    thrift: {transport: framed, protocol: binary, service: Echo}
+    routes:
+      - match: {service: Echo, method: echo}
+        cluster: echo-thrift
+        timeout: 2s
+      - match: {}
+        cluster: echo-thrift
+clusters:
+  - name: echo-thrift
+    protocol: thrift
+    thrift: {transport: ttheader, mux: true, max_requests_per_connection: 500}
+    endpoints: ["127.0.0.1:9100"]
+  - name: backend
+    endpoints: ["127.0.0.1:9000"]
+"""
+
+
+def test_thrift_listener_and_cluster(tmp_path: Path) -> None:
+    config = load(str(write(tmp_path, THRIFT)))
+    listener = config.listeners[0]
+    assert (listener.thrift.transport, listener.thrift.protocol, listener.thrift.service) == ("framed", "binary", "Echo")
+    assert (listener.routes[0].match.service, listener.routes[0].match.method) == ("Echo", "echo")
+    assert listener.routes[1].match.service is None and listener.routes[1].match.prefix is None
+    cluster = config.cluster("echo-thrift")
+    assert cluster.thrift.mux and cluster.thrift.max_requests_per_connection == 500
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("transport: framed, protocol", "transport: zipped, protocol",
+         "listeners[0].thrift.transport: expected one of framed, buffered, header, ttheader, auto, got 'zipped'"),
+        ("match: {service: Echo, method: echo}", "match: {prefix: /Echo/}",
+         "listeners[0].routes[0].match.prefix: unknown key (expected one of: service, method, headers)"),
+        ("match: {service: Echo, method: echo}", "match: {service: Echo, method: a/b}",
+         "listeners[0].routes[0].match.method: expected a name without '/', got 'a/b'"),
+        ("      - match: {}\n        cluster: echo-thrift", "      - match: {}\n        cluster: backend",
+         "listeners[0].routes[1].cluster: cluster 'backend' speaks http2, this listener thrift"),
+        ("thrift: {transport: ttheader, mux: true, max_requests_per_connection: 500}",
+         "thrift: {transport: ttheader, protocol: compact}",
+         tuple(f"listeners[0].routes[{i}].cluster: cluster 'echo-thrift' speaks thrift compact, this listener binary "
+               "(binary and compact are not translated)" for i in (0, 1))),
+        ("max_requests_per_connection: 500", "max_requests_per_connection: 0",
+         "clusters[0].thrift.max_requests_per_connection: expected a whole number of at least 1, got 0"),
+        ("service: Echo}", "service: Echo, max_frame_size: 10}",
+         "listeners[0].thrift.max_frame_size: expected a size from 1KiB to 1GiB-1, got 10"),
+        ("    endpoints: [\"127.0.0.1:9000\"]", "    endpoints: [\"127.0.0.1:9000\"]\n    thrift: {mux: true}",
+         "clusters[1].thrift: only for protocol: thrift"),
+    ],
+)
+def test_thrift_config_errors(tmp_path: Path, old: str, new: str, expected: str | tuple[str, ...]) -> None:
+    assert old in THRIFT
+    name, lines = problems(tmp_path, THRIFT.replace(old, new, 1))
+    want = [expected] if isinstance(expected, str) else list(expected)
+    assert lines == [f"{name}: {e}" for e in want]

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from meshproxy.call import Peer
 from meshproxy.codec import thrift
 from meshproxy.codec.errors import ThriftError
 from meshproxy.drivers.h2 import Parked
@@ -81,16 +82,29 @@ def _ignore_lost(_: Slot, __: str) -> None:
 
 
 class _Connection:
-    """A transport, its message reader, and a writer task that drains its backlog."""
+    """A transport, its message reader, and a writer task.
+
+    Writes are gathered and sent by the writer task once the task that made
+    them yields: a batch of pipelined calls (or replies) costs one send().
+    """
 
     def __init__(self, transport: Transport, reader: thrift.Reader, idle_timeout: float) -> None:
         self.transport = transport
         self.reader = reader
         self.idle_timeout = idle_timeout
         self._writer_wake = Parked()
+        self._out: list[bytes] = []
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        if not self._out:
+            self._writer_wake.wake()
+        self._out.append(data)
+
+    def flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self.transport.write(data)
 
     @property
     def busy(self) -> bool:
@@ -101,9 +115,10 @@ class _Connection:
         transport = self.transport
         transport.on_backlog = self._writer_wake.wake
         while not transport.closed:
+            self.flush()
             if transport.has_backlog:
                 await transport.drain_backlog()
-            else:
+            elif not self._out:
                 await self._writer_wake.wait()
 
     async def _messages(self, on_message: Callable[[thrift.Message], Awaitable[None]]) -> str:
@@ -153,6 +168,7 @@ class ServerConnection(_Connection):
         self._timer_scope = trio.CancelScope()
         self._timer_wake = Parked()
         self.end_reason = ""
+        self.peer = Peer(transport.peer)
         self.nursery: trio.Nursery | None = None
         self._reading = trio.CancelScope()
         self._finish_timeout = idle_timeout
@@ -177,6 +193,7 @@ class ServerConnection(_Connection):
                         self.end_reason = f"protocol error: {e}"
                         self.on_protocol_error(self, e)
                         # The error reply (if any) was written: flush it, then close.
+                        self.flush()
                         await self.transport.flush_and_close(1.0, "protocol error")
                     except TransportClosed as e:
                         self.end_reason = str(e) or "closed"
@@ -187,6 +204,7 @@ class ServerConnection(_Connection):
                     with trio.move_on_after(self._finish_timeout):
                         while self.pending:
                             await self._capacity.wait()
+                    self.flush()
                     await self.transport.flush_and_close(1.0, self.end_reason)
                 nursery.cancel_scope.cancel()
         finally:
@@ -250,14 +268,14 @@ class ServerConnection(_Connection):
     def deliver(self, slot: Slot, data: bytes) -> None:
         """Send a finished slot's reply: now if out of order, else once those before it are sent."""
         if not slot.ordered:
-            self.transport.write(data)
+            self.write(data)
             return
         slot.reply = data
         order = self._order
         while order and order[0].reply is not None:
             head = order.popleft()
             if head.reply:
-                self.transport.write(head.reply)
+                self.write(head.reply)
             head.reply = None
 
     def drop(self, slot: Slot) -> None:
@@ -332,7 +350,7 @@ class UpstreamConnection(_Connection):
             slot.upstream = self
             slot.upstream_seqid = seqid
             self.waiting[seqid] = slot
-        self.transport.write(data)
+        self.write(data)
 
     def forget(self, slot: Slot) -> None:
         if self.waiting.get(slot.upstream_seqid) is slot:
