@@ -443,10 +443,12 @@ class Reader:
 
     `transport`/`protocol` None means detect from the first bytes (once per
     connection). Nothing is allocated for an announced size before the bytes
-    arrive: the buffer grows only with what was received.
+    arrive: the buffer grows only with what was received. Messages are taken
+    from a read offset (the consumed front is dropped now and then, not per
+    message, so a burst of small pipelined frames costs no quadratic copying).
     """
 
-    __slots__ = ("_buf", "_need", "max_frame", "max_header", "protocol", "transport")
+    __slots__ = ("_buf", "_need", "_pos", "max_frame", "max_header", "protocol", "transport")
 
     def __init__(
         self,
@@ -460,22 +462,32 @@ class Reader:
         self.max_frame = max_frame
         self.max_header = max_header
         self._buf = bytearray()
-        self._need = 0
+        self._pos = 0
+        self._need = 0  # bytes needed past the read offset before parsing again
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        buf = self._buf
+        if self._pos:
+            if self._pos == len(buf):
+                buf.clear()
+                self._pos = 0
+            elif self._pos > 65536 and self._pos * 2 > len(buf):
+                del buf[: self._pos]
+                self._pos = 0
+        buf += data
 
     def next(self) -> Message | None:
         """The next whole message, or None until more bytes arrive."""
         buf = self._buf
-        if len(buf) < self._need:
+        pos = self._pos
+        if len(buf) - pos < self._need or len(buf) == pos:
             return None
         if self.transport is None:
-            found = detect(buf)
+            found = detect(buf[pos : pos + 6])
             if found is None:
                 return None
             self.transport, protocol = found
@@ -483,26 +495,26 @@ class Reader:
                 self.protocol = protocol
         try:
             if self.transport == BUFFERED:
-                msg = self._unframed(buf)
+                msg = self._unframed(buf, pos)
             else:
-                msg = self._framed(buf)
+                msg = self._framed(buf, pos)
         except Incomplete as e:
-            self._need = e.need
+            self._need = e.need - pos
             return None
         self._need = 0
         return msg
 
-    def _framed(self, buf: bytearray) -> Message:
-        if len(buf) < 4:
-            raise Incomplete(4)
-        size = _I32.unpack_from(buf, 0)[0]
+    def _framed(self, buf: bytearray, pos: int) -> Message:
+        if len(buf) - pos < 4:
+            raise Incomplete(pos + 4)
+        size = _I32.unpack_from(buf, pos)[0]
         if size < 0 or size > self.max_frame:
             raise ThriftError(f"frame size {size} is over the limit of {self.max_frame}")
-        end = 4 + size
+        end = pos + 4 + size
         if len(buf) < end:
             raise Incomplete(end)
-        frame = bytes(buf[:end])
-        del buf[:end]
+        frame = bytes(buf[pos:end])
+        self._pos = end
         transport = self.transport
         if transport == TTHEADER or transport == HEADER:
             header: theader.Header | ttheader.Header
@@ -526,11 +538,15 @@ class Reader:
             raise ThriftError("message head is cut short by its frame") from None
         return Message(transport, head, frame, 4)
 
-    def _unframed(self, buf: bytearray) -> Message:
-        head = read_head(buf, 0, self.protocol)
-        end = message_end(buf, 0, head, self.max_frame)
-        frame = bytes(buf[:end])
-        del buf[:end]
+    def _unframed(self, buf: bytearray, pos: int) -> Message:
+        head = read_head(buf, pos, self.protocol)
+        end = message_end(buf, pos, head, self.max_frame)
+        frame = bytes(buf[pos:end])
+        self._pos = end
+        if pos:  # offsets relative to the message
+            if head.seqid_at >= 0:
+                head.seqid_at -= pos
+            head.body_at -= pos
         return Message(BUFFERED, head, frame, 0)
 
 

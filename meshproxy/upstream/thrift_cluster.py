@@ -66,8 +66,9 @@ class ThriftEndpointPool:
         }
 
     def _capacity_changed(self) -> None:
-        self._capacity.set()
-        self._capacity = trio.Event()
+        if self.pending:  # called per finished call: only pay for an Event when someone waits
+            self._capacity.set()
+            self._capacity = trio.Event()
 
     def pick(self, transport: str) -> UpstreamConnection | None:
         """An open connection that takes a call now without queueing behind another, if any."""

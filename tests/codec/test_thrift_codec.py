@@ -311,3 +311,21 @@ def test_mutated_bytes_give_messages_or_thrift_errors(seed: bytes, flips: list[t
             pass
     except ThriftError:
         pass
+
+
+@pytest.mark.parametrize("transport", ["framed", "buffered"])
+def test_a_burst_of_pipelined_messages_in_one_read(transport: str) -> None:
+    messages = [_apache(TBinaryProtocol.TBinaryProtocolFactory(), i) for i in range(5000)]
+    r = thrift.Reader(transport, thrift.BINARY)
+    stream = b"".join(thrift.wrap(transport, m) for m in messages)
+    half = len(stream) // 2 + 3  # cut inside a message
+    r.feed(stream[:half])
+    got = []
+    while (msg := r.next()) is not None:
+        got.append(msg)
+    r.feed(stream[half:])
+    while (msg := r.next()) is not None:
+        got.append(msg)
+    assert [m.head.seqid for m in got] == list(range(5000)) and r.buffered == 0
+    assert all(m.payload == messages[i] for i, m in enumerate(got))
+    assert thrift.message_with_seqid(got[-1], 1) == _apache(TBinaryProtocol.TBinaryProtocolFactory(), 1)
