@@ -197,10 +197,11 @@ class ServerConnection(_Connection):
                         await self.transport.flush_and_close(1.0, "protocol error")
                     except TransportClosed as e:
                         self.end_reason = str(e) or "closed"
-                if self._reading.cancelled_caught:
+                if self._reading.cancelled_caught and not self.transport.closed:
+                    # Draining: finish the calls in flight. (A client's EOF is not
+                    # a half-close: Thrift clients close when they are gone, and
+                    # their calls are abandoned.)
                     self.end_reason = "draining"
-                if not self.transport.closed:
-                    # Half-closed by the client, or draining: finish the calls in flight.
                     with trio.move_on_after(self._finish_timeout):
                         while self.pending:
                             await self._capacity.wait()
