@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Any
 
 import trio
 
 from meshproxy.call import BytesBody, Call, Headers, Peer, Protocol, Response
 from meshproxy.codec import theader, thrift, ttheader
 from meshproxy.codec.errors import ThriftError
-from meshproxy.drivers.thrift import ServerConnection, Slot
+from meshproxy.drivers.thrift import ServerConnection, Slot, flush_writes
 from meshproxy.errors import NoRoute, ProxyError, UpstreamTimeout, UpstreamUnavailable
 from meshproxy.filters.base import Respond
 from meshproxy.proxy import ListenerState
@@ -55,6 +56,7 @@ class ThriftProxy:
         self.state = state
         self._ids = 0
         self._method_labels: set[tuple[str, str]] = set()
+        self._children: dict[tuple[object, ...], tuple[Any, ...]] = {}
 
     # -- requests
 
@@ -117,6 +119,7 @@ class ThriftProxy:
         chain = state.chain
         changed = False
         if chain.has_request_hooks:
+            flush_writes()  # a filter may wait: earlier calls of this batch go out first
             before = list(call.headers)
             respond, p.ran = await chain.on_request(call)
             if respond is not None:
@@ -137,12 +140,16 @@ class ThriftProxy:
                 f"the call {thrift.PROTOCOL_NAMES[msg.head.protocol]}"
             )
         transport = cluster.fixed_transport(msg.transport)
-        with trio.move_on_at(call.deadline) as waited:
-            pool, link = await cluster.acquire(transport)
-        if waited.cancelled_caught:
-            raise UpstreamTimeout("deadline exceeded waiting for an upstream connection")
-        if slot is not None and slot.done:
-            return  # the client left while we waited
+        ready = cluster.ready(transport)
+        if ready is not None:
+            pool, link = ready
+        else:
+            with trio.move_on_at(call.deadline) as waited:
+                pool, link = await cluster.acquire(transport)
+            if waited.cancelled_caught:
+                raise UpstreamTimeout("deadline exceeded waiting for an upstream connection")
+            if slot is not None and slot.done:
+                return  # the client left while we waited
         p.cluster, p.pool = cluster, pool
         call.upstream_address = pool.name
         seqid = link.next_seqid()
@@ -226,6 +233,7 @@ class ThriftProxy:
             log.exception("a response filter failed on call %s", p.call.request_id)
         data = self._downstream_frame(p, reply, response.headers)
         p.conn.deliver(slot, data)
+        flush_writes()
         self._record(p, 200, "", "reply" if reply.head.mtype == thrift.REPLY else "exception", len(data))
 
     def _downstream_frame(self, p: _Pending, reply: thrift.Message, metadata: Headers | None) -> bytes:
@@ -304,18 +312,20 @@ class ThriftProxy:
 
     def _record(self, p: _Pending, status: int, reason: str, result: str, bytes_out: int) -> None:
         call, state = p.call, p.state
-        m = state.metrics
         route = call.route.name if call.route is not None else "-"
         cluster = call.cluster or "-"
-        labels = (call.listener, call.direction, route, cluster)
-        m.child(m.requests, *labels, _STATUS.get(status, "0"), "-").inc()
+        key = (route, cluster, status, result, call.path)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = self._metric_children(state, route, cluster, status, result, call)
+        requests, duration_hist, thrift_calls, request_bytes, response_bytes = children
+        requests.inc()
         duration = trio.current_time() - call.start
-        m.child(m.request_duration, *labels).observe(duration)
-        m.child(m.request_bytes, call.listener).inc(len(p.msg.frame))
+        duration_hist.observe(duration)
+        thrift_calls.inc()
+        request_bytes.inc(len(p.msg.frame))
         if bytes_out:
-            m.child(m.response_bytes, call.listener).inc(bytes_out)
-        service, method = self._method_label(call)
-        m.child(m.thrift_calls, call.listener, call.direction, service, method, result).inc()
+            response_bytes.inc(bytes_out)
         if state.access_log.enabled:
             state.access_log.write({
                 "listener": call.listener,
@@ -338,6 +348,23 @@ class ThriftProxy:
                 "request_id": call.request_id,
                 "peer": call.peer.address,
             })
+
+    def _metric_children(
+        self, state: ListenerState, route: str, cluster: str, status: int, result: str, call: Call
+    ) -> tuple[Any, ...]:
+        """The metric children of one outcome, looked up once (label sets are bounded)."""
+        m = state.metrics
+        if len(self._children) > MAX_METHOD_LABELS * 16:
+            self._children.clear()
+        labels = (call.listener, call.direction, route, cluster)
+        service, method = self._method_label(call)
+        return (
+            m.child(m.requests, *labels, _STATUS.get(status, "0"), "-"),
+            m.child(m.request_duration, *labels),
+            m.child(m.thrift_calls, call.listener, call.direction, service, method, result),
+            m.child(m.request_bytes, call.listener),
+            m.child(m.response_bytes, call.listener),
+        )
 
     def _method_label(self, call: Call) -> tuple[str, str]:
         key = (call.authority, call.path.rpartition("/")[2])

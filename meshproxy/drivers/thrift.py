@@ -81,12 +81,24 @@ def _ignore_lost(_: Slot, __: str) -> None:
     pass
 
 
-class _Connection:
-    """A transport, its message reader, and a writer task.
+# Connections with output waiting for `flush_writes()`.
+_dirty: list[_Connection] = []
 
-    Writes are gathered and sent by the writer task once the task that made
-    them yields: a batch of pipelined calls (or replies) costs one send().
-    """
+
+def flush_writes() -> None:
+    """Send what every connection gathered. Reader tasks call this after each
+    batch of messages (before they wait for more bytes), so a batch of
+    pipelined calls or replies costs one send() per connection, and a lone
+    call costs no task switch; other writers (timers, tasks) call it too."""
+    while _dirty:
+        conns = _dirty[:]
+        _dirty.clear()
+        for conn in conns:
+            conn.flush()
+
+
+class _Connection:
+    """A transport, its message reader, and a writer task for the backlog."""
 
     def __init__(self, transport: Transport, reader: thrift.Reader, idle_timeout: float) -> None:
         self.transport = transport
@@ -96,8 +108,9 @@ class _Connection:
         self._out: list[bytes] = []
 
     def write(self, data: bytes) -> None:
+        """Queue bytes; they go out at the next `flush_writes()`."""
         if not self._out:
-            self._writer_wake.wake()
+            _dirty.append(self)
         self._out.append(data)
 
     def flush(self) -> None:
@@ -115,10 +128,9 @@ class _Connection:
         transport = self.transport
         transport.on_backlog = self._writer_wake.wake
         while not transport.closed:
-            self.flush()
             if transport.has_backlog:
                 await transport.drain_backlog()
-            elif not self._out:
+            else:
                 await self._writer_wake.wait()
 
     async def _messages(self, on_message: Callable[[thrift.Message], Awaitable[None]]) -> str:
@@ -128,6 +140,7 @@ class _Connection:
         while True:
             msg = reader.next()
             if msg is None:
+                flush_writes()
                 with trio.move_on_after(self.idle_timeout) as idle:
                     data = await transport.recv()
                 if idle.cancelled_caught:
@@ -222,6 +235,7 @@ class ServerConnection(_Connection):
 
     async def _on_message(self, msg: thrift.Message) -> None:
         while len(self.pending) >= self.max_pending and not self.transport.closed:
+            flush_writes()  # the calls we wait for may still be queued
             await self._capacity.wait()
         await self.handler(self, msg)
 
@@ -294,6 +308,7 @@ class ServerConnection(_Connection):
                 _, slot = heapq.heappop(timers)
                 if not slot.done:
                     slot.on_timeout(slot)
+            flush_writes()
             self._timer_scope = trio.CancelScope(deadline=timers[0][0] if timers else math.inf)
             with self._timer_scope:
                 await self._timer_wake.wait()
@@ -331,10 +346,6 @@ class UpstreamConnection(_Connection):
     @property
     def busy(self) -> bool:
         return bool(self.waiting)
-
-    @property
-    def available(self) -> int:
-        return 0 if self.transport.closed else self.max_requests - len(self.waiting)
 
     def next_seqid(self) -> int:
         seqid = next(self._seqids)
@@ -394,6 +405,7 @@ class UpstreamConnection(_Connection):
             slot.upstream = None
             if not slot.done:
                 slot.on_lost(slot, reason)
+        flush_writes()
         self.capacity_changed()
 
     async def close_gracefully(self, timeout: float) -> None:

@@ -20,7 +20,7 @@ import trio
 
 from meshproxy.codec import thrift
 from meshproxy.config import Cluster as ClusterConfig
-from meshproxy.drivers.thrift import UpstreamConnection
+from meshproxy.drivers.thrift import UpstreamConnection, flush_writes
 from meshproxy.drivers.transport import Transport, connect
 from meshproxy.errors import UpstreamOverflow, UpstreamUnavailable
 from meshproxy.metrics import Metrics
@@ -71,15 +71,19 @@ class ThriftEndpointPool:
             self._capacity = trio.Event()
 
     def pick(self, transport: str) -> UpstreamConnection | None:
-        """An open connection that takes a call now without queueing behind another, if any."""
+        """An open connection with room: for `mux` the first (filling one connection
+        batches its writes), else the least busy."""
+        mux = self.options.mux
         best: UpstreamConnection | None = None
+        fewest = 1 << 30
         for t, link in self.links:
-            if t != transport or link.available <= 0:
+            n = len(link.waiting)
+            if t != transport or n >= link.max_requests or link.transport.closed:
                 continue
-            if best is None or len(link.waiting) < len(best.waiting):
-                best = link
-                if not link.waiting:
-                    break
+            if mux or n == 0:
+                return link
+            if n < fewest:
+                best, fewest = link, n
         return best
 
     async def acquire(self, transport: str) -> UpstreamConnection:
@@ -90,6 +94,8 @@ class ThriftEndpointPool:
             can_open = mine < o.max_connections_per_endpoint
             if best is not None and (not best.waiting or o.mux or not can_open):
                 return best
+            # About to wait: what earlier calls queued must not wait with us.
+            flush_writes()
             if can_open:
                 try:
                     return await self._connect(transport)
@@ -178,17 +184,21 @@ class ThriftCluster:
         t = self.options.transport
         return caller if t == "auto" else t
 
+    def ready(self, transport: str) -> tuple[ThriftEndpointPool, UpstreamConnection] | None:
+        """A connection that takes a call right now, when there is one endpoint
+        (a sidecar's local app, most often) and it has room: no await needed."""
+        if len(self.pools) == 1:
+            link = self.pools[0].pick(transport)
+            if link is not None and (self.options.mux or not link.waiting):
+                return self.pools[0], link
+        return None
+
     async def acquire(self, transport: str) -> tuple[ThriftEndpointPool, UpstreamConnection]:
         """A connection with room for one more call; UpstreamUnavailable if no endpoint takes it."""
         tried: set[int] = set()
         errors: list[str] = []
         now = trio.current_time()
         pools = self.pools
-        if len(pools) == 1:
-            # One endpoint (a sidecar's local app, most often): no balancing to do.
-            link = pools[0].pick(transport)
-            if link is not None and (self.options.mux or not link.waiting):
-                return pools[0], link
         while len(tried) < len(pools):
             i = self._lb.pick(pools, now, tried)
             if i is None:
