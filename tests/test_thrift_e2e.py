@@ -482,3 +482,75 @@ async def test_access_log_line_for_a_thrift_call(nursery: trio.Nursery, tmp_path
     assert line["thrift_transport"] == "buffered" and line["result"] == "reply" and line["cluster"] == "echo"
     assert line["upstream"] == f"{HOST}:{backend.port}" and line["status"] == 200
 
+
+
+async def test_a_method_the_server_does_not_know_is_its_own_reply(
+    nursery: trio.Nursery, tmp_path: Path, servers: list[ThriftServer]
+) -> None:
+    backend = server(servers)
+    app, port = await proxy(nursery, tmp_path, thrift_yaml({"echo": ("framed", backend.port)}))
+    call = encode_call("nosuch", Echo.notes_args(), 9)
+
+    def exchange() -> tuple[str, int, int, object]:
+        with socket.create_connection((HOST, port), timeout=5) as s:
+            s.sendall(struct.pack("!I", len(call)) + call)
+            return decode_reply(read_frame(s)[4:], "notes")
+
+    name, mtype, seqid, exc = await run(exchange)  # type: ignore[misc]
+    assert (name, mtype, seqid, exc.type) == ("nosuch", TMessageType.EXCEPTION, 9, TApplicationException.UNKNOWN_METHOD)
+    labels = {"listener": "test", "direction": "egress", "service": "Echo", "method": "nosuch", "result": "exception"}
+    assert metric(app, "meshproxy_thrift_calls_total", **labels) == 1
+
+
+async def test_ttheader_local_reply_carries_biz_status(nursery: trio.Nursery, tmp_path: Path) -> None:
+    routes = "      - match: {method: echo}\n        cluster: echo\n"
+    _, port = await proxy(nursery, tmp_path, thrift_yaml({"echo": ("framed", 1)}, routes=routes))
+    frame = ttheader_call(encode_call("greet", Echo.greet_args(name="x"), 12), 12, {}, {})
+
+    def exchange() -> bytes:
+        with socket.create_connection((HOST, port), timeout=5) as s:
+            s.sendall(frame)
+            return read_frame(s)
+
+    _, seqid, strings, body = ttheader_reply(await run(exchange))  # type: ignore[arg-type]
+    _, mtype, body_seqid, exc = decode_reply(body, "greet")
+    assert (seqid, mtype, body_seqid, exc.type) == (12, TMessageType.EXCEPTION, 12, TApplicationException.UNKNOWN_METHOD)
+    assert strings == {b"biz-status": b"404", b"biz-message": b"no_route: no route for /Echo/greet"}
+
+
+async def test_more_pipelined_calls_than_the_connection_limit(
+    nursery: trio.Nursery, tmp_path: Path, servers: list[ThriftServer]
+) -> None:
+    """Past max_pending_per_connection the connection is not read until replies free room; nothing stalls."""
+    backend = server(servers)
+    _, port = await proxy(
+        nursery, tmp_path,
+        thrift_yaml({"echo": ("framed", backend.port)}, listener="{transport: framed, max_pending_per_connection: 4}"),
+    )
+    frames = [encode_call("echo", Echo.echo_args(data=str(i).encode()), i) for i in range(1, 41)]
+
+    def exchange() -> list[int]:
+        with socket.create_connection((HOST, port), timeout=5) as s:
+            s.sendall(b"".join(struct.pack("!I", len(f)) + f for f in frames))
+            return [decode_reply(read_frame(s)[4:], "echo")[2] for _ in frames]
+
+    assert await run(exchange) == list(range(1, 41))
+
+
+async def test_drain_lets_calls_in_flight_finish(nursery: trio.Nursery, tmp_path: Path, servers: list[ThriftServer]) -> None:
+    backend = server(servers)
+    app, port = await proxy(nursery, tmp_path, thrift_yaml({"echo": ("framed", backend.port)}))
+    finished: list[object] = []
+
+    def slow_call() -> None:
+        with client(port) as c:
+            c.sleep(400)
+            finished.append("replied")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run, slow_call)
+        await eventually(lambda: metric(app, "meshproxy_upstream_streams_active", destination_service="echo") == 1)
+        await app.listeners["test"].drain(3.0)
+    assert finished == ["replied"]
+    with pytest.raises(OSError):
+        socket.create_connection((HOST, port), timeout=1).close()
