@@ -107,6 +107,11 @@ class ThriftProxy:
             await self._forward(p, slot)
         except ProxyError as e:
             self._fail(p, slot, e)
+        except trio.Cancelled:
+            # Draining stopped this call before it went upstream: it gets no reply.
+            if slot is not None and p.conn.finish(slot):
+                p.conn.drop(slot)
+            raise
 
     async def _forward(self, p: _Pending, slot: Slot | None) -> None:
         call, msg, state = p.call, p.msg, p.state

@@ -390,6 +390,8 @@ class UpstreamConnection(_Connection):
             self._fail_all(f"upstream connection {reason}")
 
     async def _on_reply(self, msg: thrift.Message) -> None:
+        if msg.head.mtype != thrift.REPLY and msg.head.mtype != thrift.EXCEPTION:
+            raise ThriftError(f"the upstream sent a message of type {msg.head.mtype}")
         slot = self.waiting.pop(msg.head.seqid, None)
         if slot is None:
             return  # its call timed out or its client left: nobody waits
