@@ -113,7 +113,7 @@ class App:
 
     async def _start_listener(self, lc: config_mod.Listener, clusters: dict[str, Cluster]) -> None:
         assert self._listener_nursery is not None
-        runtime = ListenerRuntime(lc, self._state(lc, clusters), self.metrics)
+        runtime = ListenerRuntime(lc, self._state(lc, clusters), self.metrics, self.config.shm)
         bound = await self._listener_nursery.start(runtime.serve)
         self.listeners[lc.name] = runtime
         log.info("listener %s (%s, %s) on %s", lc.name, lc.direction, lc.protocol, bound)

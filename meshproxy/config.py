@@ -45,6 +45,14 @@ class Admin:
 
 
 @dataclass(frozen=True, slots=True)
+class Shm:
+    """Where `shm:NAME` listeners put their unix sockets, and each connection's ring size."""
+
+    directory: str = ""  # "" = $XDG_RUNTIME_DIR/meshproxy, else /tmp/meshproxy-UID
+    ring_size: int = 1024 * 1024  # per direction
+
+
+@dataclass(frozen=True, slots=True)
 class AccessLog:
     enabled: bool = False
     path: str = "stdout"  # "stdout" or a file path
@@ -183,6 +191,7 @@ class Config:
     listeners: tuple[Listener, ...]
     clusters: tuple[Cluster, ...]
     drain_timeout: float = 10.0
+    shm: Shm = Shm()
     _clusters_by_name: dict[str, Cluster] = field(default_factory=dict, compare=False, repr=False)
 
     def cluster(self, name: str) -> Cluster:
@@ -336,6 +345,19 @@ def _frame_size(raw: object) -> int:
     # THeader/TTHeader reserve the top bits of the length (0x3FFFFFFF is their maximum).
     if not 1024 <= size <= 0x3FFFFFFF:
         raise ValueError(f"expected a size from 1KiB to 1GiB-1, got {size}")
+    return size
+
+
+def _absolute_path(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.startswith("/"):
+        raise ValueError(f"expected an absolute directory path, got {raw!r}")
+    return raw
+
+
+def _ring_size(raw: object) -> int:
+    size = parse_size(raw)
+    if size < 64 * 1024 or size > 256 * 1024 * 1024 or size & (size - 1):
+        raise ValueError(f"expected a power of two from 64KiB to 256MiB, got {size}")
     return size
 
 
@@ -541,10 +563,14 @@ def _protocol_section(r: _Reader, m: dict[str, Any], protocol: str, cls: type[T]
 
 def _endpoint(r: _Reader, raw: object) -> Address:
     try:
-        return parse_address(raw)
+        address = parse_address(raw)
     except ValueError as e:
         r.problem(str(e))
         raise _Invalid from None
+    if address.kind == "shm":
+        r.problem("shm: addresses are for listeners (an app connects to them); use tcp or unix here")
+        raise _Invalid
+    return address
 
 
 FilterValidator = Callable[[FilterSpec], None]
@@ -556,7 +582,7 @@ def parse(raw: object, source: str, validate_filter: FilterValidator | None = No
     try:
         top = r.mapping(
             raw,
-            ("node", "admin", "access_log", "listeners", "clusters", "drain_timeout"),
+            ("node", "admin", "access_log", "listeners", "clusters", "drain_timeout", "shm"),
             required=("listeners",),
         )
     except _Invalid:
@@ -595,6 +621,14 @@ def parse(raw: object, source: str, validate_filter: FilterValidator | None = No
             except _Invalid:
                 pass
     drain_timeout = r.value(top, "drain_timeout", parse_duration, 10.0)
+    shm = Shm()
+    if "shm" in top:
+        with r.at("shm"):
+            try:
+                m = r.mapping(top["shm"], ("directory", "ring_size"))
+                shm = Shm(r.value(m, "directory", _absolute_path, ""), r.value(m, "ring_size", _ring_size, shm.ring_size))
+            except _Invalid:
+                pass
 
     clusters: list[tuple[int, Cluster]] = []
     if "clusters" in top:
@@ -619,7 +653,8 @@ def parse(raw: object, source: str, validate_filter: FilterValidator | None = No
         tuple(listeners),
         tuple(clusters_only),
         drain_timeout,
-        by_name,
+        shm=shm,
+        _clusters_by_name=by_name,
     )
 
 

@@ -15,8 +15,10 @@ import stat
 
 import trio
 
+from meshproxy import shm
 from meshproxy.codec import thrift
 from meshproxy.config import Listener as ListenerConfig
+from meshproxy.config import Shm as ShmConfig
 from meshproxy.drivers.h2 import ServerLink
 from meshproxy.drivers.thrift import ServerConnection
 from meshproxy.drivers.transport import Transport
@@ -37,18 +39,20 @@ class BindError(OSError):
     """A listener's address cannot be bound; the message names the listener."""
 
 
-def bind(config: ListenerConfig) -> socket.socket:
+def bind(config: ListenerConfig, shm_options: ShmConfig) -> socket.socket:
     try:
-        return _bind(config)
+        return _bind(config, shm_options)
     except OSError as e:
         raise BindError(
             e.errno, f"listener {config.name}: cannot listen on {config.address}: {e.strerror or e}"
         ) from None
 
 
-def _bind(config: ListenerConfig) -> socket.socket:
+def _bind(config: ListenerConfig, shm_options: ShmConfig) -> socket.socket:
     a = config.address
-    if a.kind == "unix":
+    if a.kind == "shm":
+        sock = shm.listen(a.path, shm_options.directory or None)
+    elif a.kind == "unix":
         try:
             if stat.S_ISSOCK(os.stat(a.path).st_mode):
                 os.unlink(a.path)  # a stale socket from an earlier run
@@ -67,8 +71,11 @@ def _bind(config: ListenerConfig) -> socket.socket:
 
 
 class ListenerRuntime:
-    def __init__(self, config: ListenerConfig, state: ListenerState, metrics: Metrics) -> None:
+    def __init__(
+        self, config: ListenerConfig, state: ListenerState, metrics: Metrics, shm_options: ShmConfig | None = None
+    ) -> None:
         self.config = config
+        self.shm_options = shm_options or ShmConfig()
         self.proxy: HttpProxy | ThriftProxy = ThriftProxy(state) if config.protocol == "thrift" else HttpProxy(state)
         self.metrics = metrics
         self.links: set[ServerLink | ServerConnection] = set()
@@ -86,9 +93,12 @@ class ListenerRuntime:
         self.proxy.state = state
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        sock = self._sock = bind(self.config)
+        sock = self._sock = bind(self.config, self.shm_options)
         name = sock.getsockname()
-        self.bound = f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
+        if self.config.address.kind == "shm":
+            self.bound = f"{self.config.address} ({name})"
+        else:
+            self.bound = f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -96,10 +106,11 @@ class ListenerRuntime:
                 with self._accepting:
                     await self._accept_loop(sock, nursery)
         finally:
+            path = sock.getsockname() if sock.family == socket.AF_UNIX else None
             sock.close()
-            if self.config.address.kind == "unix":
+            if isinstance(path, str) and path:
                 try:
-                    os.unlink(self.config.address.path)
+                    os.unlink(path)
                 except OSError:
                     pass
 
@@ -124,9 +135,17 @@ class ListenerRuntime:
         h = c.http2
         name = c.name
         m = self.metrics
+        write_timeout = c.thrift.write_timeout if c.protocol == "thrift" else h.write_timeout
+        transport: Transport | shm.ShmTransport
         try:
-            transport = Transport(sock, c.thrift.write_timeout if c.protocol == "thrift" else h.write_timeout)
-        except OSError:
+            if c.address.kind == "shm":
+                channel = shm.accept(sock, self.shm_options.ring_size)
+                transport = shm.ShmTransport(channel, write_timeout, shm.peer_of(sock, c.address.path))
+            else:
+                transport = Transport(sock, write_timeout)
+        except OSError as e:
+            if c.address.kind == "shm":
+                log.warning("listener %s: shm handshake failed: %s", name, e)
             sock.close()
             return
         errors = m.downstream_protocol_errors

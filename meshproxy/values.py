@@ -42,9 +42,9 @@ def parse_percent(value: object) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """Where to listen or connect: TCP host:port, or a unix socket path."""
+    """Where to listen or connect: TCP host:port, a unix socket path, or shm:NAME."""
 
-    kind: str  # "tcp" | "unix"
+    kind: str  # "tcp" | "unix" | "shm" (path holds the name)
     host: str = ""
     port: int = 0
     path: str = ""
@@ -52,9 +52,14 @@ class Address:
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
+        if self.kind == "shm":
+            return f"shm:{self.path}"
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+
+_SHM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 
 
 def parse_address(value: object, *, allow_port_zero: bool = False) -> Address:
@@ -67,7 +72,10 @@ def parse_address(value: object, *, allow_port_zero: bool = False) -> Address:
             raise ValueError(f"unix socket path must be absolute, got {path!r}")
         return Address("unix", path=path)
     if value.startswith("shm:"):
-        raise ValueError("shm: addresses are not supported yet")
+        name = value[4:]
+        if not _SHM_NAME.fullmatch(name):
+            raise ValueError(f"shm: names are letters, digits, '.', '_' and '-', got {name!r}")
+        return Address("shm", path=name)
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
         raise ValueError(f"expected host:port, got {value!r}")
