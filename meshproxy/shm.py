@@ -319,7 +319,10 @@ class ShmSocket:
                 finally:
                     ch.tx_awake()
 
-    send = sendall
+    def send(self, data: bytes | bytearray | memoryview, flags: int = 0) -> int:
+        """Everything or an error, like sendall (thrift's TSocket counts what send returns)."""
+        self.sendall(data)
+        return len(data)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         ch = self.channel
