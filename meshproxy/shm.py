@@ -398,6 +398,7 @@ class ShmTransport:
     async def recv(self, max_bytes: int = RECV_SIZE) -> bytes:
         ch = self.channel
         await trio.lowlevel.checkpoint()
+        woken = False
         while True:
             if ch.closed:
                 raise TransportClosed(self.closed_reason)
@@ -408,8 +409,10 @@ class ShmTransport:
                 raise TransportClosed(self.closed_reason) from e
             if data:
                 return data
-            if ch.peer_gone():
+            # Woken with no data: the socket fired, so the peer may be gone.
+            if woken and ch.peer_gone():
                 return b""
+            woken = True
             if ch.rx_sleep():
                 try:
                     await trio.lowlevel.wait_readable(ch.rx_wait.fileno())
