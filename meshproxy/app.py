@@ -14,6 +14,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from meshproxy import config as config_mod
+from meshproxy import mirror
 from meshproxy.accesslog import AccessLog
 from meshproxy.admin import AdminSource, serve_admin
 from meshproxy.codec.h2 import quiet_libraries
@@ -21,6 +22,7 @@ from meshproxy.config import Config, ConfigError
 from meshproxy.filters import build_chain
 from meshproxy.listener import ListenerRuntime
 from meshproxy.metrics import Metrics
+from meshproxy.mirror import Mirror
 from meshproxy.proxy import ListenerState
 from meshproxy.router import Router
 from meshproxy.upstream.cluster import Cluster, ClusterManager
@@ -39,6 +41,7 @@ class App:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics.create(self.registry)
         self.access_log = AccessLog(config.access_log, self.metrics)
+        self.mirror = Mirror(config.mirror, self.metrics)
         self.listeners: dict[str, ListenerRuntime] = {}
         self.admin_address = ""
         self.version = 0
@@ -86,6 +89,8 @@ class App:
             async with trio.open_nursery() as root:
                 self._nursery = root
                 root.start_soon(self.access_log.run)
+                mirror.install(self.mirror)
+                root.start_soon(self.mirror.run)
                 self.admin_address = await root.start(serve_admin, self.config.admin.address, self._admin_source())
                 async with trio.open_nursery() as upstream:
                     self._clusters = ClusterManager(upstream, self.metrics)
@@ -106,10 +111,13 @@ class App:
                         await self._shutdown.wait()
                         await self._drain()
                         listeners.cancel_scope.cancel()
+                    await self.mirror.close(self.config.mirror.shutdown_timeout)
                     upstream.cancel_scope.cancel()
                 root.cancel_scope.cancel()
         finally:
             self.access_log.close()
+            if mirror.current() is self.mirror:
+                mirror.install(None)
 
     async def _start_listener(self, lc: config_mod.Listener, clusters: dict[str, Cluster]) -> None:
         assert self._listener_nursery is not None

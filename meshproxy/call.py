@@ -11,7 +11,7 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 if TYPE_CHECKING:
@@ -113,6 +113,21 @@ class Peer:
 ChunkObserver = Callable[["Call", bytes], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """How a call ended, for filters that act once it is over (mirroring)."""
+
+    status: int  # HTTP status sent (gRPC: 200), Thrift 200 for a reply; 0 if nothing was sent
+    grpc_status: str
+    reason: str  # the local reply's reason, "" if the upstream answered
+    duration: float
+    upstream: str
+    trailers: Headers | None = None
+
+
+CompletionHook = Callable[["Call", Completion], None]
+
+
 @dataclass(eq=False, slots=True)
 class Call:
     id: int
@@ -136,6 +151,10 @@ class Call:
     # Filters that want to see body chunks without buffering them register here.
     request_observers: list[ChunkObserver] = field(default_factory=list)
     response_observers: list[ChunkObserver] = field(default_factory=list)
+    # Called once, after the last byte of the call; must not raise or block.
+    completion_hooks: list[CompletionHook] = field(default_factory=list)
+    # Per-call state of filters, by filter name (e.g. what the mirror filter captured).
+    filter_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_grpc(self) -> bool:

@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("demo", help="run the proxy with an example backend and make a few calls")
+    mirror = sub.add_parser("mirror", help="read mirrored calls").add_subparsers(dest="mirror_command", required=True)
+    tail = mirror.add_parser("tail", help="print the records of a spool directory, one JSON per line")
+    tail.add_argument("source", help="a spool directory (the file sink's directory)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
+    tail.add_argument("--protocol", choices=["http2", "grpc", "thrift"], help="only this protocol")
+    tail.add_argument("--path-prefix", help="only calls whose path starts with this")
+    tail.add_argument("--listener", help="only calls of this listener")
     return p
 
 
@@ -43,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from meshproxy.demo import run_demo
 
         return run_demo()
+    if args.command == "mirror":
+        from meshproxy.mirror_tools import tail
+
+        return tail(args.source, args.follow, args.protocol, args.path_prefix, args.listener)
     if not args.conf:
         print("meshproxy: --conf FILE is required (see --help)", file=sys.stderr)
         return EXIT_CONFIG

@@ -9,6 +9,7 @@ name -> filter type).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,28 @@ class Shm:
 
     directory: str = ""  # "" = $XDG_RUNTIME_DIR/meshproxy, else /tmp/meshproxy-UID
     ring_size: int = 1024 * 1024  # per direction
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSink:
+    type: str = "file"
+    directory: str = ""  # "" = /tmp/meshproxy-UID/mirror
+    segment_bytes: int = 64 * 1024 * 1024
+    segment_age: float = 300.0
+    retention_bytes: int = 1024 * 1024 * 1024
+    fsync: str = "interval"  # always | interval | never
+    fsync_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    """Where mirrored calls go (the mirror filter decides which calls)."""
+
+    sink: MirrorSink = MirrorSink()
+    queue_size: int = 10_000
+    max_record_bytes: int = 4 * 1024 * 1024
+    flush_interval: float = 0.05
+    shutdown_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +215,7 @@ class Config:
     clusters: tuple[Cluster, ...]
     drain_timeout: float = 10.0
     shm: Shm = Shm()
+    mirror: MirrorConfig = MirrorConfig()
     _clusters_by_name: dict[str, Cluster] = field(default_factory=dict, compare=False, repr=False)
 
     def cluster(self, name: str) -> Cluster:
@@ -345,6 +369,43 @@ def _frame_size(raw: object) -> int:
     # THeader/TTHeader reserve the top bits of the length (0x3FFFFFFF is their maximum).
     if not 1024 <= size <= 0x3FFFFFFF:
         raise ValueError(f"expected a size from 1KiB to 1GiB-1, got {size}")
+    return size
+
+
+def _mirror(r: _Reader, raw: object) -> MirrorConfig:
+    m = r.mapping(raw, ("sink", "queue_size", "max_record_bytes", "flush_interval", "shutdown_timeout"))
+    sink = MirrorSink(directory=f"/tmp/meshproxy-{os.getuid()}/mirror")
+    if "sink" in m:
+        with r.at("sink"):
+            s = r.mapping(m["sink"], (
+                "type", "directory", "segment_bytes", "segment_age", "retention_bytes", "fsync", "fsync_interval",
+            ))
+            kind = r.value(s, "type", _one_of(("file", "redis", "nats")), "file")
+            if kind != "file":
+                r.problem(f"the {kind} sink is not implemented yet (issue 5); use type: file", "type")
+            sink = MirrorSink(
+                type=kind,
+                directory=r.value(s, "directory", _absolute_path, sink.directory),
+                segment_bytes=r.value(s, "segment_bytes", _at_least_kib, sink.segment_bytes),
+                segment_age=r.value(s, "segment_age", _positive_duration, sink.segment_age),
+                retention_bytes=r.value(s, "retention_bytes", _at_least_kib, sink.retention_bytes),
+                fsync=r.value(s, "fsync", _one_of(("always", "interval", "never")), sink.fsync),
+                fsync_interval=r.value(s, "fsync_interval", _positive_duration, sink.fsync_interval),
+            )
+    d = MirrorConfig()
+    return MirrorConfig(
+        sink=sink,
+        queue_size=r.value(m, "queue_size", _positive_int, d.queue_size),
+        max_record_bytes=r.value(m, "max_record_bytes", _at_least_kib, d.max_record_bytes),
+        flush_interval=r.value(m, "flush_interval", _positive_duration, d.flush_interval),
+        shutdown_timeout=r.value(m, "shutdown_timeout", _positive_duration, d.shutdown_timeout),
+    )
+
+
+def _at_least_kib(raw: object) -> int:
+    size = parse_size(raw)
+    if size < 1024:
+        raise ValueError(f"expected a size of at least 1KiB, got {size}")
     return size
 
 
@@ -582,7 +643,7 @@ def parse(raw: object, source: str, validate_filter: FilterValidator | None = No
     try:
         top = r.mapping(
             raw,
-            ("node", "admin", "access_log", "listeners", "clusters", "drain_timeout", "shm"),
+            ("node", "admin", "access_log", "listeners", "clusters", "drain_timeout", "shm", "mirror"),
             required=("listeners",),
         )
     except _Invalid:
@@ -630,6 +691,13 @@ def parse(raw: object, source: str, validate_filter: FilterValidator | None = No
             except _Invalid:
                 pass
 
+    mirror = MirrorConfig(MirrorSink(directory=f"/tmp/meshproxy-{os.getuid()}/mirror"))
+    if "mirror" in top:
+        with r.at("mirror"):
+            try:
+                mirror = _mirror(r, top["mirror"])
+            except _Invalid:
+                pass
     clusters: list[tuple[int, Cluster]] = []
     if "clusters" in top:
         with r.at("clusters"):
@@ -654,6 +722,7 @@ def parse(raw: object, source: str, validate_filter: FilterValidator | None = No
         tuple(clusters_only),
         drain_timeout,
         shm=shm,
+        mirror=mirror,
         _clusters_by_name=by_name,
     )
 

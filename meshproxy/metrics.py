@@ -45,6 +45,10 @@ class Metrics:
     config_last_reload_success: Gauge
     access_log_dropped: Counter
     thrift_calls: Counter
+    mirror_records: Counter
+    mirror_dropped: Counter
+    mirror_in_flight: Gauge
+    mirror_sink_seconds: Histogram
     # prometheus_client's .labels() hashes and validates on every call; the
     # label sets are bounded, so the children are cached here.
     _children: dict[Any, Any]
@@ -127,6 +131,20 @@ class Metrics:
                 "meshproxy_thrift_calls", "Thrift calls by service, method and result "
                 "(reply, exception, oneway, or the local reply's reason)",
                 ("listener", "direction", "service", "method", "result"), registry=r,
+            ),
+            mirror_records=Counter(
+                "meshproxy_mirror_records", "Mirrored records: sampled = written + dropped + in flight",
+                ("result",), registry=r,
+            ),
+            mirror_dropped=Counter(
+                "meshproxy_mirror_dropped", "Mirrored records dropped, by reason", ("reason",), registry=r,
+            ),
+            mirror_in_flight=Gauge(
+                "meshproxy_mirror_in_flight", "Mirrored records queued or being written", registry=r,
+            ),
+            mirror_sink_seconds=Histogram(
+                "meshproxy_mirror_sink_seconds", "Time to write one batch to the mirror sink",
+                buckets=DURATION_BUCKETS, registry=r,
             ),
             _children={},
         )

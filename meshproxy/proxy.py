@@ -19,7 +19,7 @@ from h2.errors import ErrorCodes
 
 from meshproxy import status
 from meshproxy.accesslog import AccessLog
-from meshproxy.call import Body, Call, ChunkObserver, Headers, Peer, Protocol, Response
+from meshproxy.call import Body, Call, ChunkObserver, Completion, Headers, Peer, Protocol, Response
 from meshproxy.codec import grpc
 from meshproxy.config import Listener as ListenerConfig
 from meshproxy.drivers.h2 import ServerLink, Stream, StreamReset
@@ -67,7 +67,7 @@ class ListenerState:
 class _Outcome:
     """What happened to one call, for metrics and the access log."""
 
-    __slots__ = ("bytes_out", "grpc_status", "reason", "response_started", "status", "upstream")
+    __slots__ = ("bytes_out", "grpc_status", "reason", "response_started", "status", "trailers", "upstream")
 
     def __init__(self) -> None:
         self.status = 0  # 0: no response sent (client went away first)
@@ -76,6 +76,7 @@ class _Outcome:
         self.reason = ""
         self.bytes_out = 0
         self.upstream = ""
+        self.trailers: Headers | None = None
 
 
 class HttpProxy:
@@ -321,6 +322,7 @@ class HttpProxy:
         out.response_started = True
         if not end:
             out.bytes_out = await _pump(call, ustream, stream, call.response_observers)
+            out.trailers = ustream.trailers
             if call.is_grpc and ustream.trailers is not None:
                 out.grpc_status = _grpc_status(ustream.trailers)
 
@@ -417,6 +419,9 @@ class HttpProxy:
         m.child(m.requests, *labels, status, out.grpc_status or "-").inc()
         duration = trio.current_time() - call.start
         m.child(m.request_duration, *labels).observe(duration)
+        if call.completion_hooks:
+            done = Completion(out.status, out.grpc_status, out.reason, duration, out.upstream, out.trailers)
+            _complete(call, done)
         if stream.received:
             m.child(m.request_bytes, call.listener).inc(stream.received)
         if out.bytes_out:
@@ -496,6 +501,14 @@ async def _pump_request(call: Call, body: Body, ustream: Stream) -> None:
         pass
 
 
+def _complete(call: Call, done: Completion) -> None:
+    for hook in call.completion_hooks:
+        try:
+            hook(call, done)
+        except Exception:
+            log.exception("a completion hook failed on call %s", call.request_id)
+
+
 def _grpc_status(headers: Headers) -> str:
     for k, v in headers:
         if k == b"grpc-status":
@@ -515,4 +528,6 @@ def _grpc_for_http(http_status: int) -> int:
     return _GRPC_FOR_HTTP.get(http_status, status.UNKNOWN)
 
 
-__all__ = ["HttpProxy", "ListenerState"]
+__all__ = ["HttpProxy", "ListenerState", "complete"]
+
+complete = _complete

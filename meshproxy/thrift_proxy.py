@@ -16,13 +16,13 @@ from typing import Any
 
 import trio
 
-from meshproxy.call import BytesBody, Call, Headers, Peer, Protocol, Response
+from meshproxy.call import BytesBody, Call, Completion, Headers, Protocol, Response
 from meshproxy.codec import theader, thrift, ttheader
 from meshproxy.codec.errors import ThriftError
 from meshproxy.drivers.thrift import ServerConnection, Slot, flush_writes
 from meshproxy.errors import NoRoute, ProxyError, UpstreamTimeout, UpstreamUnavailable
 from meshproxy.filters.base import Respond
-from meshproxy.proxy import ListenerState
+from meshproxy.proxy import ListenerState, complete
 from meshproxy.upstream.thrift_cluster import ThriftCluster, ThriftEndpointPool
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class ThriftProxy:
         call = Call(
             id=self._ids,
             protocol=Protocol.THRIFT,
-            peer=Peer(conn.transport.peer),
+            peer=conn.peer,
             listener=state.config.name,
             direction=state.config.direction,
             authority=service,
@@ -327,6 +327,8 @@ class ThriftProxy:
         requests.inc()
         duration = trio.current_time() - call.start
         duration_hist.observe(duration)
+        if call.completion_hooks:
+            complete(call, Completion(status, "", reason, duration, call.upstream_address))
         thrift_calls.inc()
         request_bytes.inc(len(p.msg.frame))
         if bytes_out:

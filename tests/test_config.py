@@ -126,7 +126,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     f, lines = problems(tmp_path, "listners: []\n" + GOOD)
     assert lines == [
         f"{f}: listners: unknown key (expected one of: node, admin, access_log, listeners, "
-        "clusters, drain_timeout, shm)"
+        "clusters, drain_timeout, shm, mirror)"
     ]
 
 
@@ -245,7 +245,7 @@ def test_unknown_filter_name(tmp_path: Path) -> None:
     f, lines = problems(tmp_path, with_filters("      - name: faultt\n"))
     assert lines == [
         f"{f}: listeners[0].filters[0].name: unknown filter 'faultt' "
-        "(built-in: fault, headers; or give module:Class)"
+        "(built-in: fault, headers, mirror; or give module:Class)"
     ]
 
 
@@ -336,7 +336,7 @@ def test_every_problem_is_reported_one_line_each(tmp_path: Path) -> None:
     )
     f, lines = problems(tmp_path, text)
     assert lines == [
-        f"{f}: bogus: unknown key (expected one of: node, admin, access_log, listeners, clusters, drain_timeout, shm)",
+        f"{f}: bogus: unknown key (expected one of: node, admin, access_log, listeners, clusters, drain_timeout, shm, mirror)",
         f"{f}: drain_timeout: expected a duration like 250ms, 5s or 1m, got 'forever'",
         f"{f}: listeners[0].address: expected host:port, got 'nohost'",
         f"{f}: listeners[0].routes[0].cluster: unknown cluster 'paymnts' (known: backend)",

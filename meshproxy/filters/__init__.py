@@ -14,10 +14,12 @@ from meshproxy.config import FilterOptionError, FilterSpec
 from meshproxy.filters.base import Chain, Filter
 from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
+from meshproxy.filters.mirror import MirrorFilter
 
 FILTER_TYPES: dict[str, type[Filter]] = {
     HeadersFilter.name: HeadersFilter,
     FaultFilter.name: FaultFilter,
+    MirrorFilter.name: MirrorFilter,
 }
 
 ENTRY_POINT_GROUP = "meshproxy.filters"

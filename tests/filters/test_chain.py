@@ -19,6 +19,7 @@ from meshproxy.filters import FILTER_TYPES, build, build_chain, resolve
 from meshproxy.filters.base import CONTINUE, Chain, Continue, Filter, Options, Respond
 from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
+from meshproxy.filters.mirror import MirrorFilter
 
 
 def make_call(headers: Headers | None = None, *, grpc: bool = False) -> Call:
@@ -414,7 +415,8 @@ class NotAFilter:
 def test_resolve_builtins() -> None:
     assert resolve("headers") is HeadersFilter
     assert resolve("fault") is FaultFilter
-    assert FILTER_TYPES == {"headers": HeadersFilter, "fault": FaultFilter}
+    assert resolve("mirror") is MirrorFilter
+    assert FILTER_TYPES == {"headers": HeadersFilter, "fault": FaultFilter, "mirror": MirrorFilter}
 
 
 def test_resolve_by_import_path() -> None:
@@ -443,7 +445,7 @@ def test_unknown_name_lists_the_builtins() -> None:
     with pytest.raises(FilterOptionError) as info:
         resolve("ratelimit")
     assert info.value.key == "name"
-    assert info.value.message == "unknown filter 'ratelimit' (built-in: fault, headers; or give module:Class)"
+    assert info.value.message == "unknown filter 'ratelimit' (built-in: fault, headers, mirror; or give module:Class)"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,270 @@
+"""Mirrored calls: a bounded queue between the calls and a sink, and the spool format.
+
+Knows: records (a JSON head and the captured bytes), the file spool (segments
+of length-prefixed, CRC-checked records; rotation, retention, fsync policy),
+and how a writer task drains the queue in batches. Must not: slow a call.
+`submit()` is O(1), never blocks and never raises: when the queue is full
+the record is dropped and counted. Sink I/O runs in a worker thread, so a
+stalled disk stalls only the writer, never the event loop.
+
+Accounting: every record a filter hands in is `sampled`; it is then
+`written`, or `dropped` with a reason, or still `in flight` (queued or being
+written), so at any scrape sampled = written + dropped + in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshproxy.config import MirrorConfig
+from meshproxy.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MPMR"
+_HEAD = struct.Struct("!4sII")  # magic, payload length, crc32 of the payload
+_META = struct.Struct("!I")  # JSON head length, then the head, then request and response bytes
+SEGMENT_PREFIX, SEGMENT_SUFFIX = "mirror-", ".spool"
+# Records per batch a writer takes at most (one write and at most one fsync each).
+BATCH = 512
+RECONNECT_BACKOFF_MAX = 30.0
+
+
+@dataclass(slots=True)
+class Record:
+    meta: dict[str, Any]
+    request: bytes = b""
+    response: bytes = b""
+
+
+def encode(record: Record) -> bytes:
+    meta = dict(record.meta, request_bytes=len(record.request), response_bytes=len(record.response))
+    head = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
+    payload = _META.pack(len(head)) + head + record.request + record.response
+    return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def decode(payload: bytes) -> Record:
+    (n,) = _META.unpack_from(payload)
+    meta = json.loads(payload[4 : 4 + n])
+    at = 4 + n
+    req = payload[at : at + meta["request_bytes"]]
+    resp = payload[at + meta["request_bytes"] : at + meta["request_bytes"] + meta["response_bytes"]]
+    return Record(meta, req, resp)
+
+
+def read_segment(path: Path) -> Iterator[Record]:
+    """The records of one segment, up to the first incomplete or damaged one (a torn tail)."""
+    data = path.read_bytes()
+    pos = 0
+    while pos + _HEAD.size <= len(data):
+        magic, size, crc = _HEAD.unpack_from(data, pos)
+        end = pos + _HEAD.size + size
+        if magic != MAGIC or end > len(data):
+            return
+        payload = data[pos + _HEAD.size : end]
+        if zlib.crc32(payload) != crc:
+            return
+        try:
+            yield decode(payload)
+        except (ValueError, KeyError, struct.error):
+            return
+        pos = end
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"))
+
+
+def read_spool(directory: Path) -> Iterator[Record]:
+    for path in segments(directory):
+        yield from read_segment(path)
+
+
+# -- the file sink (runs in a worker thread) ------------------------------------------
+
+
+class FileSink:
+    def __init__(self, config: MirrorConfig) -> None:
+        s = config.sink
+        self.directory = Path(s.directory)
+        self.segment_bytes = s.segment_bytes
+        self.segment_age = s.segment_age
+        self.retention_bytes = s.retention_bytes
+        self.fsync = s.fsync
+        self.fsync_interval = s.fsync_interval
+        self._fd = -1
+        self._size = 0
+        self._opened = 0.0
+        self._synced = 0.0
+        self._next = 0
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        existing = segments(self.directory)
+        self._next = int(existing[-1].name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]) + 1 if existing else 1
+        self._rotate()
+
+    def _rotate(self) -> None:
+        if self._fd >= 0:
+            if self.fsync != "never":
+                os.fsync(self._fd)
+            os.close(self._fd)
+        path = self.directory / f"{SEGMENT_PREFIX}{self._next:010d}{SEGMENT_SUFFIX}"
+        self._next += 1
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._size = 0
+        self._opened = time.monotonic()
+        self._retain()
+
+    def _retain(self) -> None:
+        """Delete the oldest segments while the spool is over its byte cap (never the open one)."""
+        files = segments(self.directory)
+        total = sum(f.stat().st_size for f in files)
+        for f in files[:-1]:
+            if total <= self.retention_bytes:
+                break
+            total -= f.stat().st_size
+            f.unlink(missing_ok=True)
+
+    def write(self, blobs: list[bytes]) -> None:
+        if self._fd < 0:
+            self.open()
+        if self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_age:
+            self._rotate()
+        data = b"".join(blobs)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._size += len(data)
+        now = time.monotonic()
+        if self.fsync == "always" or (self.fsync == "interval" and now - self._synced >= self.fsync_interval):
+            os.fsync(self._fd)
+            self._synced = now
+        if self._size >= self.segment_bytes:
+            self._retain()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                if self.fsync != "never":
+                    os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+# -- the queue ---------------------------------------------------------------------------
+
+
+@dataclass
+class Mirror:
+    config: MirrorConfig
+    metrics: Metrics
+    _queue: deque[Record] = field(default_factory=deque)
+    _wake: trio.Event = field(default_factory=trio.Event)
+    _closed: bool = False
+
+    def __post_init__(self) -> None:
+        m = self.metrics
+        self._sampled = m.mirror_records.labels("sampled")
+        self._enqueued = m.mirror_records.labels("enqueued")
+        self._written = m.mirror_records.labels("written")
+        self._dropped = {r: m.mirror_dropped.labels(r) for r in ("queue_full", "too_large", "sink_down", "shutdown")}
+        self._in_flight = m.mirror_in_flight
+        self._latency = m.mirror_sink_seconds
+        self.sink = FileSink(self.config)
+
+    def submit(self, record: Record) -> bool:
+        """From the call path: O(1), never blocks, never raises."""
+        self._sampled.inc()
+        size = len(record.request) + len(record.response)
+        if size > self.config.max_record_bytes:
+            self._dropped["too_large"].inc()
+            return False
+        if self._closed or len(self._queue) >= self.config.queue_size:
+            self._dropped["queue_full" if not self._closed else "shutdown"].inc()
+            return False
+        self._queue.append(record)
+        self._enqueued.inc()
+        self._in_flight.inc()
+        if len(self._queue) >= BATCH:
+            self._wake.set()
+        return True
+
+    async def run(self) -> None:
+        """The writer: batches every flush_interval (or when a batch is full); reconnects with backoff."""
+        backoff = 0.0
+        while True:
+            with trio.move_on_after(self.config.flush_interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+                ok = await self._write(batch)
+                if ok:
+                    backoff = 0.0
+                    continue
+                # The sink is down: this batch is lost (counted); wait before trying again,
+                # while new records queue up to the bound and then drop.
+                backoff = min(max(backoff * 2, 0.1), RECONNECT_BACKOFF_MAX)
+                await trio.sleep(backoff)
+                break
+
+    async def _write(self, batch: list[Record]) -> bool:
+        blobs = [encode(r) for r in batch]
+        start = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(self.sink.write, blobs, abandon_on_cancel=False)
+        except OSError as e:
+            log.warning("mirror sink: %s; %d records dropped", e, len(batch))
+            self._dropped["sink_down"].inc(len(batch))
+            self._in_flight.dec(len(batch))
+            with contextlib.suppress(OSError):
+                self.sink.close()
+            return False
+        self._latency.observe(time.monotonic() - start)
+        self._written.inc(len(batch))
+        self._in_flight.dec(len(batch))
+        return True
+
+    async def close(self, timeout: float) -> None:
+        """Stop taking records; flush what is queued within `timeout`; drop (and count) the rest."""
+        self._closed = True
+        with trio.move_on_after(timeout):
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+                if not await self._write(batch):
+                    break
+        if self._queue:
+            n = len(self._queue)
+            self._queue.clear()
+            self._dropped["shutdown"].inc(n)
+            self._in_flight.dec(n)
+        await trio.to_thread.run_sync(self.sink.close)
+
+
+# The process's mirror, for the mirror filter (filters are built from config alone).
+_current: Mirror | None = None
+
+
+def install(mirror: Mirror | None) -> None:
+    global _current
+    _current = mirror
+
+
+def current() -> Mirror | None:
+    return _current

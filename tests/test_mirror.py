@@ -1,0 +1,257 @@
+"""Mirroring: the spool format, the queue's accounting, and real calls mirrored end to end.
+
+HTTP/2 calls come from the harness h2 client, gRPC from grpcio, Thrift from
+Apache thrift clients; the file sink writes a real spool that is read back
+with the same reader `meshproxy mirror tail` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+
+from meshproxy import mirror
+from meshproxy.app import App
+from meshproxy.config import MirrorConfig, MirrorSink
+from meshproxy.metrics import Metrics
+from tests.h2client import H2Client
+from tests.harness import (
+    HOST,
+    eventually,
+    free_port,
+    listen_port,
+    metric,
+    proxy_process,
+    start_backend,
+    start_proxy,
+    write_config,
+)
+from tests.peers.thrift_peer import ThriftServer, client
+from tests.test_grpc_e2e import UNARY, grpc_server
+
+__all__ = ["grpc_server"]
+
+
+def sink_config(directory: Path, **kw: object) -> MirrorConfig:
+    return MirrorConfig(sink=MirrorSink(directory=str(directory), **kw), flush_interval=0.01)  # type: ignore[arg-type]
+
+
+# -- the spool -------------------------------------------------------------------------
+
+
+def test_record_round_trip_and_torn_tail(tmp_path: Path) -> None:
+    sink = mirror.FileSink(sink_config(tmp_path))
+    records = [mirror.Record({"id": str(i), "path": "/x"}, os.urandom(i * 10), b"r" * i) for i in range(20)]
+    sink.write([mirror.encode(r) for r in records])
+    sink.close()
+    (segment,) = mirror.segments(tmp_path)
+    back = list(mirror.read_segment(segment))
+    assert [(r.meta["id"], r.request, r.response) for r in back] == [(r.meta["id"], r.request, r.response) for r in records]
+    # A torn tail (a crash mid-write): every complete record reads, the partial one is skipped.
+    whole = segment.read_bytes()
+    segment.write_bytes(whole + mirror.encode(records[5])[:-7])
+    assert len(list(mirror.read_segment(segment))) == 20
+    # A damaged record is never misread: reading stops before it.
+    damaged = bytearray(whole)
+    damaged[len(mirror.encode(records[0])) + 20] ^= 0xFF
+    segment.write_bytes(bytes(damaged))
+    assert [r.meta["id"] for r in mirror.read_segment(segment)] == ["0"]
+
+
+def test_rotation_and_retention(tmp_path: Path) -> None:
+    sink = mirror.FileSink(sink_config(tmp_path, segment_bytes=4096, retention_bytes=20_000, fsync="never"))
+    blob = mirror.encode(mirror.Record({"id": "x"}, b"b" * 1000))
+    for _ in range(100):
+        sink.write([blob])
+    sink.close()
+    files = mirror.segments(tmp_path)
+    assert len(files) > 1
+    assert sum(f.stat().st_size for f in files) <= 20_000 + 4096 + len(blob)  # the cap, give or take the open segment
+    assert all(f.stat().st_size <= 4096 + len(blob) for f in files)
+    assert list(mirror.read_spool(tmp_path))  # what is kept still reads
+
+
+async def test_queue_full_drops_and_counts(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    metrics = Metrics.create(CollectorRegistry())
+    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), queue_size=3), metrics)
+    results = [m.submit(mirror.Record({"i": i})) for i in range(5)]
+    assert results == [True, True, True, False, False]
+    assert not m.submit(mirror.Record({}, b"x" * (m.config.max_record_bytes + 1)))
+    value = metrics.registry.get_sample_value
+    assert value("meshproxy_mirror_records_total", {"result": "sampled"}) == 6
+    assert value("meshproxy_mirror_dropped_total", {"reason": "queue_full"}) == 2
+    assert value("meshproxy_mirror_dropped_total", {"reason": "too_large"}) == 1
+    assert value("meshproxy_mirror_in_flight", {}) == 3
+    await m.close(5)
+    assert value("meshproxy_mirror_records_total", {"result": "written"}) == 3
+    assert value("meshproxy_mirror_in_flight", {}) == 0
+    assert len(list(mirror.read_spool(tmp_path))) == 3
+
+
+# -- end to end --------------------------------------------------------------------------
+
+
+def config(tmp_path: Path, protocol: str, port: int, mirror_extra: str = "", filter_extra: str = "") -> str:
+    thrift = "\n    thrift: {service: Echo}" if protocol == "thrift" else ""
+    match = "{}" if protocol == "thrift" else "{prefix: /}"
+    return f"""\
+admin: {{address: "{HOST}:0"}}
+mirror:
+  sink: {{type: file, directory: {tmp_path / 'spool'}, fsync: never}}
+  flush_interval: 10ms{mirror_extra}
+listeners:
+  - name: test
+    direction: egress
+    address: "{HOST}:0"
+    protocol: {protocol}{thrift}
+    filters:
+      - {{name: mirror, sample: 1.0, max_body_bytes: 1000, capture_response: true{filter_extra}}}
+    routes:
+      - match: {match}
+        cluster: backend
+clusters:
+  - name: backend
+    protocol: {protocol}
+    endpoints: ["{HOST}:{port}"]
+"""
+
+
+def reconciles(app: App) -> bool:
+    sampled = metric(app, "meshproxy_mirror_records_total", result="sampled")
+    written = metric(app, "meshproxy_mirror_records_total", result="written")
+    dropped = sum(
+        metric(app, "meshproxy_mirror_dropped_total", reason=r) for r in ("queue_full", "too_large", "sink_down", "shutdown")
+    )
+    return sampled == written + dropped + metric(app, "meshproxy_mirror_in_flight")
+
+
+async def written(app: App, n: int) -> None:
+    await eventually(lambda: metric(app, "meshproxy_mirror_records_total", result="written") >= n, timeout=5)
+
+
+async def test_http2_calls_are_mirrored(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery)
+    app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "http2", backend.port)))
+    c = await H2Client.connect(listen_port(app))
+    for i in range(20):
+        status, _, _, _ = await c.get(f"/size/{1500 if i == 0 else 10}", extra=[(b"authorization", b"Bearer s3cret")])
+        assert status == 200
+    await c.aclose()
+    await written(app, 20)
+    records = list(mirror.read_spool(tmp_path / "spool"))
+    assert len(records) == 20 and reconciles(app)
+    first = records[0].meta
+    assert (first["protocol"], first["path"], first["status"], first["listener"]) == ("http2", "/size/1500", 200, "test")
+    assert ["authorization", "<redacted>"] in first["request_headers"]
+    assert first["response_truncated"] is True and len(records[0].response) == 1000
+    assert len(records[1].response) == 10 and records[1].meta["response_truncated"] is False
+    assert first["end"] >= first["start"] and first["duration_ms"] >= 0 and first["cluster"] == "backend"
+
+
+async def test_grpc_calls_are_mirrored_with_trailers(
+    nursery: trio.Nursery, tmp_path: Path, grpc_server: tuple[int, object]
+) -> None:
+    port, _ = grpc_server
+    app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "http2", port)))
+
+    def calls() -> None:
+        with grpc.insecure_channel(f"{HOST}:{listen_port(app)}") as ch:
+            unary = ch.unary_unary(UNARY)
+            for i in range(10):
+                assert unary(b"msg-%d" % i, timeout=5) == b"msg-%d" % i
+
+    await trio.to_thread.run_sync(calls)
+    await written(app, 10)
+    records = list(mirror.read_spool(tmp_path / "spool"))
+    assert len(records) == 10 and reconciles(app)
+    r = records[3]
+    assert r.meta["protocol"] == "grpc" and r.meta["path"] == UNARY and r.meta["grpc_status"] == "0"
+    assert r.request == b"\x00" + struct.pack("!I", 5) + b"msg-3" and r.response.endswith(b"msg-3")
+    assert ["x-trailing", "2"] in r.meta["response_trailers"]
+
+
+async def test_thrift_calls_are_mirrored_byte_for_byte(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with ThriftServer("framed", "binary") as backend:
+        app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "thrift", backend.port)))
+
+        def calls() -> None:
+            with client(listen_port(app)) as c:
+                for i in range(15):
+                    assert c.echo(b"t%d" % i) == b"t%d" % i
+
+        await trio.to_thread.run_sync(calls)
+        await written(app, 15)
+    records = list(mirror.read_spool(tmp_path / "spool"))
+    assert len(records) == 15 and reconciles(app)
+    r = records[7]
+    assert (r.meta["protocol"], r.meta["path"], r.meta["service"], r.meta["status"]) == ("thrift", "/Echo/echo", "Echo", 200)
+    # The whole framed call, as the client sent it: length prefix, strict binary head, args.
+    assert struct.unpack("!I", r.request[:4])[0] == len(r.request) - 4
+    assert r.request[4:8] == b"\x80\x01\x00\x01" and b"echo" in r.request and r.request.endswith(b"t7\x00")
+    assert r.response[4:8] == b"\x80\x01\x00\x02"
+
+
+async def test_a_dead_sink_never_fails_calls_and_counts_add_up(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery)
+    (tmp_path / "spool").write_text("a file where the spool directory should be")  # every write fails
+    app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "http2", backend.port, "\n  queue_size: 5")))
+    c = await H2Client.connect(listen_port(app))
+    for _ in range(40):
+        status, _, _, _ = await c.get("/size/10")
+        assert status == 200
+    await c.aclose()
+    await eventually(lambda: metric(app, "meshproxy_mirror_in_flight") == 0, timeout=5)
+    assert metric(app, "meshproxy_mirror_records_total", result="sampled") == 40
+    assert metric(app, "meshproxy_mirror_records_total", result="written") == 0
+    assert metric(app, "meshproxy_mirror_dropped_total", reason="sink_down") >= 1
+    assert reconciles(app)
+
+
+@pytest.mark.needs("h2load")
+def test_sigkill_leaves_a_spool_that_reads_to_its_last_complete_record(tmp_path: Path) -> None:
+    admin = free_port()
+    port = free_port()
+    text = config(tmp_path, "http2", 1).replace(f'address: "{HOST}:0"', f'address: "{HOST}:{admin}"', 1)
+    text = text.replace(f'address: "{HOST}:0"', f'address: "{HOST}:{port}"', 1)
+    path = write_config(tmp_path, text)
+    with proxy_process(path, admin) as p:
+        # Calls to a dead upstream still end (503) and are mirrored; keep them coming, then SIGKILL.
+        cmd = ["h2load", "-n", "2000", "-c", "4", "-m", "4", f"http://{HOST}:{port}/x"]
+        load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.8)
+        p.signal(signal.SIGKILL)
+        p.wait(5)
+        load.kill()
+        load.wait()
+    files = mirror.segments(tmp_path / "spool")
+    assert files
+    records = list(mirror.read_spool(tmp_path / "spool"))
+    assert records and all(r.meta["path"] == "/x" and r.meta["status"] == 503 for r in records)
+
+
+def test_mirror_tail_prints_records(tmp_path: Path) -> None:
+    sink = mirror.FileSink(sink_config(tmp_path))
+    sink.write([mirror.encode(mirror.Record({"id": str(i), "protocol": "thrift" if i % 2 else "grpc", "path": "/a"},
+                                            b"\x80\x01" + bytes(60))) for i in range(6)])
+    sink.close()
+    out = subprocess.run([sys.executable, "-m", "meshproxy", "mirror", "tail", str(tmp_path), "--protocol", "thrift"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = [json.loads(x) for x in out]
+    assert [x["id"] for x in lines] == ["1", "3", "5"]
+    assert lines[0]["request_body"]["bytes"] == 62 and lines[0]["request_body"]["hex"].startswith("8001")
+    bad = subprocess.run([sys.executable, "-m", "meshproxy", "mirror", "tail", str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a spool directory" in bad.stderr
+
