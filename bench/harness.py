@@ -32,11 +32,12 @@ LOAD_CPU = 1  # the origin and h2load
 
 SIZES = {"small": 100, "16k": 16 * 1024}
 
-TARGETS = ["direct", "meshproxy", "meshproxy-log", "naive", "nginx", "haproxy"]
+TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "naive", "nginx", "haproxy"]
 DESCRIPTIONS = {
     "direct": "h2load -> origin (no proxy)",
     "meshproxy": "meshproxy, metrics on, access log off",
     "meshproxy-log": "meshproxy, metrics on, access log on (file)",
+    "meshproxy-mirror": "meshproxy, metrics on, mirror filter at 100% (request + response, 64 KiB) to the file sink",
     "naive": "naive trio + h2 forwarder (bench/naive_forwarder.py)",
     "nginx": "nginx grpc_pass, 1 worker, keepalive upstream",
     "haproxy": "haproxy proto h2 both sides, nbthread 1",
@@ -240,17 +241,21 @@ backend be
 """
 
 
-def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None) -> str:
+def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None, mirror: Path | None = None) -> str:
     log = f"{{enabled: true, path: {access_log}}}" if access_log else "{enabled: false}"
+    mirror_top = (f"mirror: {{sink: {{type: file, directory: {mirror}, fsync: interval, retention_bytes: 512MiB}}, "
+                  "queue_size: 20000}\n") if mirror else ""
+    filters = ("    filters:\n      - {name: mirror, sample: 1.0, max_body_bytes: 65536, capture_response: true}\n"
+               if mirror else "")
     return f"""node: {{service: bench, unit: u1}}
 admin: {{address: 127.0.0.1:{admin}}}
 access_log: {log}
-listeners:
+{mirror_top}listeners:
   - name: bench
     direction: egress
     address: 127.0.0.1:{port}
     protocol: http2
-    routes:
+{filters}    routes:
       - match: {{prefix: /}}
         cluster: origin
         timeout: 30s
@@ -425,11 +430,12 @@ class Bench:
             return None
         port = free_port()
         d = self.dir
-        if target in ("meshproxy", "meshproxy-log"):
+        if target in ("meshproxy", "meshproxy-log", "meshproxy-mirror"):
             admin = free_port()
             log = str(d / "access.log") if target == "meshproxy-log" else None
             conf = d / f"{target}.yaml"
-            conf.write_text(meshproxy_conf(port, admin, origin.port, log))
+            mirror = d / "mirror" if target == "meshproxy-mirror" else None
+            conf.write_text(meshproxy_conf(port, admin, origin.port, log, mirror))
             svc = self.start(target, meshproxy_argv(conf), port, PROXY_CPU, admin=admin)
             self.wait_ready(svc)
             self.wait_tcp(svc)
