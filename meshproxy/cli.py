@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--protocol", choices=["http2", "grpc", "thrift"], help="only this protocol")
     tail.add_argument("--path-prefix", help="only calls whose path starts with this")
     tail.add_argument("--listener", help="only calls of this listener")
+    rep = mirror.add_parser("replay", help="send the recorded calls to a target again, then print a summary")
+    rep.add_argument("source", help="a spool directory")
+    rep.add_argument("--to", required=True, metavar="HOST:PORT", help="where to send them (h2c or Thrift)")
+    rep.add_argument("--pace", choices=["original", "rate", "max"], default="max")
+    rep.add_argument("--rate", type=float, default=100.0, help="calls per second with --pace rate")
+    rep.add_argument("--limit", type=int, help="at most this many calls")
+    rep.add_argument("--timeout", type=float, default=10.0, help="per call, seconds")
     return p
 
 
@@ -51,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo()
     if args.command == "mirror":
-        from meshproxy.mirror_tools import tail
+        from meshproxy import mirror_tools
 
-        return tail(args.source, args.follow, args.protocol, args.path_prefix, args.listener)
+        if args.mirror_command == "replay":
+            return mirror_tools.replay(args.source, args.to, args.pace, args.rate, args.limit, args.timeout)
+        return mirror_tools.tail(args.source, args.follow, args.protocol, args.path_prefix, args.listener)
     if not args.conf:
         print("meshproxy: --conf FILE is required (see --help)", file=sys.stderr)
         return EXIT_CONFIG
