@@ -55,13 +55,17 @@ class Shm:
 
 @dataclass(frozen=True, slots=True)
 class MirrorSink:
-    type: str = "file"
-    directory: str = ""  # "" = /tmp/meshproxy-UID/mirror
+    type: str = "file"  # file | redis | nats
+    directory: str = ""  # file: "" = /tmp/meshproxy-UID/mirror
     segment_bytes: int = 64 * 1024 * 1024
     segment_age: float = 300.0
     retention_bytes: int = 1024 * 1024 * 1024
     fsync: str = "interval"  # always | interval | never
     fsync_interval: float = 1.0
+    url: str = ""  # redis://host:port/db, nats://host:port
+    stream: str = "meshproxy-mirror"  # redis: the stream key; nats: the JetStream stream ("" = from the subject)
+    max_length: int = 1_000_000  # redis: XADD MAXLEN ~
+    subject: str = "meshproxy.mirror"  # nats
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,10 +383,17 @@ def _mirror(r: _Reader, raw: object) -> MirrorConfig:
         with r.at("sink"):
             s = r.mapping(m["sink"], (
                 "type", "directory", "segment_bytes", "segment_age", "retention_bytes", "fsync", "fsync_interval",
+                "url", "stream", "max_length", "subject",
             ))
             kind = r.value(s, "type", _one_of(("file", "redis", "nats")), "file")
-            if kind != "file":
-                r.problem(f"the {kind} sink is not implemented yet (issue 5); use type: file", "type")
+            default_url = {"redis": "redis://127.0.0.1:6379", "nats": "nats://127.0.0.1:4222"}.get(kind, "")
+            url = r.value(s, "url", _string, default_url)
+            if kind != "file" and not url.startswith(f"{kind}://"):
+                r.problem(f"expected a {kind}:// URL, got {url!r}", "url")
+            for key, used_by in (("url", ("redis", "nats")), ("max_length", ("redis",)), ("subject", ("nats",)),
+                                 ("directory", ("file",)), ("stream", ("redis", "nats"))):
+                if key in s and kind not in used_by:
+                    r.problem(f"only for type: {' or '.join(used_by)}", key)
             sink = MirrorSink(
                 type=kind,
                 directory=r.value(s, "directory", _absolute_path, sink.directory),
@@ -391,6 +402,10 @@ def _mirror(r: _Reader, raw: object) -> MirrorConfig:
                 retention_bytes=r.value(s, "retention_bytes", _at_least_kib, sink.retention_bytes),
                 fsync=r.value(s, "fsync", _one_of(("always", "interval", "never")), sink.fsync),
                 fsync_interval=r.value(s, "fsync_interval", _positive_duration, sink.fsync_interval),
+                url=url,
+                stream=r.value(s, "stream", _string, "" if kind == "nats" else sink.stream),
+                max_length=r.value(s, "max_length", _positive_int, sink.max_length),
+                subject=r.value(s, "subject", _string, sink.subject),
             )
     d = MirrorConfig()
     return MirrorConfig(

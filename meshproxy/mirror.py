@@ -140,7 +140,8 @@ class FileSink:
             total -= f.stat().st_size
             f.unlink(missing_ok=True)
 
-    def write(self, blobs: list[bytes]) -> None:
+    def write(self, records: list[Record]) -> None:
+        blobs = [encode(r) for r in records]
         if self._fd < 0:
             self.open()
         if self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_age:
@@ -167,6 +168,112 @@ class FileSink:
             self._fd = -1
 
 
+class RedisSink:
+    """Redis Streams: one XADD per record (MAXLEN ~ caps the stream), a pipeline per batch.
+
+    Fields: `meta` (the JSON head), `request` and `response` (the bytes), and
+    `protocol`, `listener`, `path`, `status` for cheap server-side filtering.
+    redis-py is blocking: it runs in the writer's worker thread.
+    """
+
+    def __init__(self, config: MirrorConfig) -> None:
+        import redis
+
+        s = config.sink
+        self.stream = s.stream
+        self.maxlen = s.max_length
+        self.client = redis.Redis.from_url(s.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    def write(self, records: list[Record]) -> None:
+        import redis
+
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for r in records:
+                pipe.xadd(self.stream, redis_fields(r), maxlen=self.maxlen, approximate=True)
+            pipe.execute()
+        except redis.RedisError as e:
+            raise OSError(f"redis: {e}") from None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def redis_fields(r: Record) -> dict[str, str | bytes | int]:
+    m = r.meta
+    head = json.dumps(dict(m, request_bytes=len(r.request), response_bytes=len(r.response)), separators=(",", ":"))
+    return {"meta": head, "request": r.request, "response": r.response, "protocol": m.get("protocol") or "",
+            "listener": m.get("listener") or "", "path": m.get("path") or "", "status": m.get("status") or 0}
+
+
+class NatsSink:
+    """NATS JetStream: one publish per record (the spool's record bytes), acknowledged.
+
+    nats-py is asyncio: it gets an event loop of its own on a thread, and the
+    writer's worker thread hands it each batch and waits (bounded) for the acks.
+    The stream (named after the subject) is created if it does not exist.
+    """
+
+    def __init__(self, config: MirrorConfig) -> None:
+        import asyncio
+        import threading
+
+        s = config.sink
+        self.url, self.subject = s.url, s.subject
+        self.stream_name = s.stream or self.subject.replace(".", "_").replace("*", "_").replace(">", "_")
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="mirror-nats", daemon=True)
+        self._thread.start()
+        self._nc: Any = None
+        self._js: Any = None
+
+    async def _connect(self) -> None:
+        import nats
+
+        self._nc = await nats.connect(self.url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+        self._js = self._nc.jetstream(timeout=2)
+        try:
+            await self._js.stream_info(self.stream_name)
+        except Exception:
+            await self._js.add_stream(name=self.stream_name, subjects=[self.subject])
+
+    async def _publish(self, blobs: list[bytes]) -> None:
+        if self._nc is None or self._nc.is_closed:
+            await self._connect()
+        acks = [self._js.publish(self.subject, b) for b in blobs]
+        for ack in acks:
+            await ack
+
+    def write(self, records: list[Record]) -> None:
+        import asyncio
+
+        blobs = [encode(r) for r in records]
+        future = asyncio.run_coroutine_threadsafe(self._publish(blobs), self.loop)
+        try:
+            future.result(timeout=5.0)
+        except Exception as e:
+            future.cancel()
+            self._nc = None
+            raise OSError(f"nats: {e or type(e).__name__}") from None
+
+    def close(self) -> None:
+        import asyncio
+
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._nc.close(), self.loop).result(timeout=2.0)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def make_sink(config: MirrorConfig) -> FileSink | RedisSink | NatsSink:
+    kind = config.sink.type
+    if kind == "redis":
+        return RedisSink(config)
+    if kind == "nats":
+        return NatsSink(config)
+    return FileSink(config)
+
+
 # -- the queue ---------------------------------------------------------------------------
 
 
@@ -186,7 +293,7 @@ class Mirror:
         self._dropped = {r: m.mirror_dropped.labels(r) for r in ("queue_full", "too_large", "sink_down", "shutdown")}
         self._in_flight = m.mirror_in_flight
         self._latency = m.mirror_sink_seconds
-        self.sink = FileSink(self.config)
+        self.sink = make_sink(self.config)
 
     def submit(self, record: Record) -> bool:
         """From the call path: O(1), never blocks, never raises."""
@@ -225,16 +332,16 @@ class Mirror:
                 break
 
     async def _write(self, batch: list[Record]) -> bool:
-        blobs = [encode(r) for r in batch]
         start = time.monotonic()
         try:
-            await trio.to_thread.run_sync(self.sink.write, blobs, abandon_on_cancel=False)
+            await trio.to_thread.run_sync(self.sink.write, batch, abandon_on_cancel=False)
         except OSError as e:
             log.warning("mirror sink: %s; %d records dropped", e, len(batch))
             self._dropped["sink_down"].inc(len(batch))
             self._in_flight.dec(len(batch))
-            with contextlib.suppress(OSError):
-                self.sink.close()
+            if isinstance(self.sink, FileSink):
+                with contextlib.suppress(OSError):
+                    self.sink.close()
             return False
         self._latency.observe(time.monotonic() - start)
         self._written.inc(len(batch))

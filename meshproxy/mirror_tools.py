@@ -6,6 +6,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,97 @@ def _body(data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()[:16], kind: preview}
 
 
-def tail(source: str, follow: bool, protocol: str | None, path_prefix: str | None, listener: str | None) -> int:
+SOURCES = "a spool directory, redis://HOST:PORT[/DB]#STREAM or nats://HOST:PORT#SUBJECT"
+
+
+def read_records(source: str) -> Iterator[Record]:
+    """Every record of a source, oldest first (ValueError for a source that is none of SOURCES)."""
+    if source.startswith("redis://"):
+        return _from_redis(source)
+    if source.startswith("nats://"):
+        return iter(_from_nats(source))
     directory = Path(source)
     if not directory.is_dir():
-        print(f"meshproxy mirror tail: {source}: not a spool directory", file=sys.stderr)
-        return 2
-    seen: dict[Path, int] = {}  # records already printed per segment
+        raise ValueError(f"{source}: not {SOURCES}")
+    return read_spool(directory)
+
+
+def _from_redis(source: str) -> Iterator[Record]:
+    import redis
+
+    url, _, stream = source.partition("#")
+    client = redis.Redis.from_url(url, socket_timeout=5.0)
+    start = "-"
+    while True:
+        entries = client.xrange(stream or "meshproxy-mirror", min=start, count=1000)
+        for entry_id, fields in entries:
+            meta = json.loads(fields[b"meta"])
+            yield Record(meta, fields.get(b"request", b""), fields.get(b"response", b""))
+            start = "(" + entry_id.decode()
+        if len(entries) < 1000:
+            return
+
+
+def _from_nats(source: str) -> list[Record]:
+    import asyncio
+
+    import nats
+
+    url, _, subject = source.partition("#")
+    subject = subject or "meshproxy.mirror"
+
+    async def fetch() -> list[Record]:
+        nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+        try:
+            js = nc.jetstream(timeout=5)
+            stream = await js.find_stream_name_by_subject(subject)
+            info = await js.stream_info(stream)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                try:
+                    msg = await js.get_msg(stream, seq)
+                except nats.js.errors.NotFoundError:
+                    continue
+                out.extend(_decode_blob(msg.data or b""))
+            return out
+        finally:
+            await nc.close()
+
+    return asyncio.run(fetch())
+
+
+def _decode_blob(blob: bytes) -> list[Record]:
+    """One published record (the spool's record bytes), or nothing if it does not check out."""
+    import struct
+    import zlib
+
+    from meshproxy.mirror import MAGIC, decode
+
+    if len(blob) < 12 or blob[:4] != MAGIC:
+        return []
+    size, crc = struct.unpack_from("!II", blob, 4)
+    payload = blob[12 : 12 + size]
+    if len(payload) != size or zlib.crc32(payload) != crc:
+        return []
+    return [decode(payload)]
+
+
+def tail(source: str, follow: bool, protocol: str | None, path_prefix: str | None, listener: str | None) -> int:
+    def wanted(m: dict[str, Any]) -> bool:
+        return (
+            (not protocol or m.get("protocol") == protocol)
+            and (not path_prefix or str(m.get("path", "")).startswith(path_prefix))
+            and (not listener or m.get("listener") == listener)
+        )
+
+    directory = Path(source)
     try:
+        if not directory.is_dir():  # a queue: what it holds now
+            for record in read_records(source):
+                if wanted(record.meta):
+                    print(json.dumps(summary(record), ensure_ascii=False), flush=True)
+            return 0
+        seen: dict[Path, int] = {}  # records already printed per segment
         while True:
             for path in segments(directory):
                 done = seen.get(path, 0)
@@ -47,17 +132,14 @@ def tail(source: str, follow: bool, protocol: str | None, path_prefix: str | Non
                     if i < done:
                         continue
                     seen[path] = i + 1
-                    m = record.meta
-                    if protocol and m.get("protocol") != protocol:
-                        continue
-                    if path_prefix and not str(m.get("path", "")).startswith(path_prefix):
-                        continue
-                    if listener and m.get("listener") != listener:
-                        continue
-                    print(json.dumps(summary(record), ensure_ascii=False), flush=True)
+                    if wanted(record.meta):
+                        print(json.dumps(summary(record), ensure_ascii=False), flush=True)
             if not follow:
                 return 0
             time.sleep(0.5)
+    except ValueError as e:
+        print(f"meshproxy mirror tail: {e}", file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, BrokenPipeError):
         return 0
 
@@ -86,21 +168,22 @@ def replay(source: str, target: str, pace: str, rate: float, limit: int | None, 
     """Send the recorded calls to `target` (host:port) one at a time; print a summary (JSON)."""
     import trio
 
-    directory = Path(source)
-    if not directory.is_dir():
-        print(f"meshproxy mirror replay: {source}: not a spool directory", file=sys.stderr)
+    try:
+        records = list(read_records(source))
+    except ValueError as e:
+        print(f"meshproxy mirror replay: {e}", file=sys.stderr)
         return 2
     host, _, port_text = target.rpartition(":")
     if not host or not port_text.isdigit():
         print(f"meshproxy mirror replay: --to wants host:port, got {target!r}", file=sys.stderr)
         return 2
     stats = _Stats()
-    trio.run(_replay, directory, host, int(port_text), pace, rate, limit, timeout, stats)
+    trio.run(_replay, records, host, int(port_text), pace, rate, limit, timeout, stats)
     print(json.dumps(stats.summary()), flush=True)
     return 0 if stats.failed == 0 else 1
 
 
-async def _replay(directory: Path, host: str, port: int, pace: str, rate: float, limit: int | None,
+async def _replay(records: list[Record], host: str, port: int, pace: str, rate: float, limit: int | None,
                   timeout: float, stats: _Stats) -> None:
     import trio
 
@@ -110,7 +193,6 @@ async def _replay(directory: Path, host: str, port: int, pace: str, rate: float,
     thrift: ThriftReplayer | None = None
     first_start: float | None = None
     began = trio.current_time()
-    records = list(read_spool(directory))
     if limit is not None:
         records = records[:limit]
     for i, record in enumerate(records):

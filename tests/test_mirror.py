@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -52,7 +53,7 @@ def sink_config(directory: Path, **kw: object) -> MirrorConfig:
 def test_record_round_trip_and_torn_tail(tmp_path: Path) -> None:
     sink = mirror.FileSink(sink_config(tmp_path))
     records = [mirror.Record({"id": str(i), "path": "/x"}, os.urandom(i * 10), b"r" * i) for i in range(20)]
-    sink.write([mirror.encode(r) for r in records])
+    sink.write(records)
     sink.close()
     (segment,) = mirror.segments(tmp_path)
     back = list(mirror.read_segment(segment))
@@ -70,9 +71,10 @@ def test_record_round_trip_and_torn_tail(tmp_path: Path) -> None:
 
 def test_rotation_and_retention(tmp_path: Path) -> None:
     sink = mirror.FileSink(sink_config(tmp_path, segment_bytes=4096, retention_bytes=20_000, fsync="never"))
-    blob = mirror.encode(mirror.Record({"id": "x"}, b"b" * 1000))
+    record = mirror.Record({"id": "x"}, b"b" * 1000)
+    blob = mirror.encode(record)
     for _ in range(100):
-        sink.write([blob])
+        sink.write([record])
     sink.close()
     files = mirror.segments(tmp_path)
     assert len(files) > 1
@@ -243,8 +245,8 @@ def test_sigkill_leaves_a_spool_that_reads_to_its_last_complete_record(tmp_path:
 
 def test_mirror_tail_prints_records(tmp_path: Path) -> None:
     sink = mirror.FileSink(sink_config(tmp_path))
-    sink.write([mirror.encode(mirror.Record({"id": str(i), "protocol": "thrift" if i % 2 else "grpc", "path": "/a"},
-                                            b"\x80\x01" + bytes(60))) for i in range(6)])
+    sink.write([mirror.Record({"id": str(i), "protocol": "thrift" if i % 2 else "grpc", "path": "/a"},
+                              b"\x80\x01" + bytes(60)) for i in range(6)])
     sink.close()
     out = subprocess.run([sys.executable, "-m", "meshproxy", "mirror", "tail", str(tmp_path), "--protocol", "thrift"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
@@ -260,7 +262,7 @@ def test_mirror_tail_prints_records(tmp_path: Path) -> None:
 # -- replay ------------------------------------------------------------------------------
 
 
-def replay(spool: Path, port: int, *extra: str) -> dict:
+def replay(spool: Path | str, port: int, *extra: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "meshproxy", "mirror", "replay", str(spool), "--to", f"{HOST}:{port}", *extra],
         capture_output=True, text=True, timeout=60,
@@ -310,3 +312,102 @@ async def test_replay_grpc_and_http2(nursery: trio.Nursery, tmp_path: Path, grpc
     summary = await trio.to_thread.run_sync(replay, tmp_path / "spool", port, "--pace", "rate", "--rate", "200")
     assert (summary["sent"], summary["succeeded"], summary["status_differs_from_record"]) == (6, 6, 0)
     assert ("x-replayed", "yes") in service.metadata  # type: ignore[attr-defined]
+
+
+# -- queues: real redis-server and nats-server ------------------------------------------------
+
+
+def _serve(argv: list[str], port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            import socket
+
+            socket.create_connection((HOST, port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{argv[0]} did not listen on {port}")
+
+
+@pytest.fixture
+def redis_port() -> Iterator[int]:
+    port = free_port()
+    proc = _serve(["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"], port)
+    yield port
+    proc.kill()
+    proc.wait(5)
+
+
+@pytest.fixture
+def nats_port(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    proc = _serve(["nats-server", "-js", "-a", HOST, "-p", str(port), "-sd", str(tmp_path / "nats")], port)
+    yield port
+    proc.kill()
+    proc.wait(5)
+
+
+def queue_config(tmp_path: Path, port: int, sink: str) -> str:
+    return config(tmp_path, "thrift", port).replace(
+        f"  sink: {{type: file, directory: {tmp_path / 'spool'}, fsync: never}}", f"  sink: {sink}"
+    )
+
+
+@pytest.mark.needs("redis-server")
+async def test_thrift_calls_to_redis_streams(nursery: trio.Nursery, tmp_path: Path, redis_port: int) -> None:
+    import redis
+
+    url = f"redis://{HOST}:{redis_port}"
+    with ThriftServer("framed", "binary") as backend:
+        text = queue_config(tmp_path, backend.port, f"{{type: redis, url: '{url}', stream: calls, max_length: 1000}}")
+        app = await start_proxy(nursery, write_config(tmp_path, text))
+
+        def calls(n: int) -> None:
+            with client(listen_port(app)) as c:
+                for i in range(n):
+                    assert c.echo(b"r%d" % i) == b"r%d" % i
+
+        await trio.to_thread.run_sync(calls, 12)
+        await written(app, 12)
+        r = redis.Redis.from_url(url)
+        assert r.xlen("calls") == 12
+        _, fields = r.xrange("calls", count=1)[0]
+        assert fields[b"protocol"] == b"thrift" and fields[b"path"] == b"/Echo/echo" and fields[b"status"] == b"200"
+        assert fields[b"request"].endswith(b"r0\x00") and json.loads(fields[b"meta"])["service"] == "Echo"
+        tail = subprocess.run([sys.executable, "-m", "meshproxy", "mirror", "tail", f"{url}#calls"],
+                              capture_output=True, text=True, timeout=30)
+        assert len(tail.stdout.splitlines()) == 12
+        # The queue dies mid-run: calls go on, records drop (counted), the counters add up.
+        r.shutdown(nosave=True)
+        await trio.to_thread.run_sync(calls, 20)
+        await eventually(lambda: metric(app, "meshproxy_mirror_in_flight") == 0, timeout=10)
+        assert metric(app, "meshproxy_mirror_dropped_total", reason="sink_down") >= 1
+        assert metric(app, "meshproxy_mirror_records_total", result="sampled") == 32
+        assert reconciles(app)
+
+
+@pytest.mark.needs("nats-server")
+async def test_grpc_calls_to_nats_jetstream_and_replay(
+    nursery: trio.Nursery, tmp_path: Path, nats_port: int, grpc_server: tuple[int, object]
+) -> None:
+    port, _ = grpc_server
+    url = f"nats://{HOST}:{nats_port}"
+    text = config(tmp_path, "http2", port).replace(
+        f"  sink: {{type: file, directory: {tmp_path / 'spool'}, fsync: never}}",
+        f"  sink: {{type: nats, url: '{url}', subject: mesh.calls}}",
+    )
+    app = await start_proxy(nursery, write_config(tmp_path, text))
+
+    def calls() -> None:
+        with grpc.insecure_channel(f"{HOST}:{listen_port(app)}") as ch:
+            for i in range(8):
+                assert ch.unary_unary(UNARY)(b"n%d" % i, timeout=5) == b"n%d" % i
+
+    await trio.to_thread.run_sync(calls)
+    await written(app, 8)
+    assert reconciles(app)
+    summary = await trio.to_thread.run_sync(replay, f"{url}#mesh.calls", port)  # type: ignore[arg-type]
+    assert (summary["sent"], summary["succeeded"], summary["status_differs_from_record"]) == (8, 8, 0)
