@@ -32,12 +32,14 @@ LOAD_CPU = 1  # the origin and h2load
 
 SIZES = {"small": 100, "16k": 16 * 1024}
 
-TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "naive", "nginx", "haproxy"]
+TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "meshproxy-mirror-redis", "naive", "nginx",
+           "haproxy"]
 DESCRIPTIONS = {
     "direct": "h2load -> origin (no proxy)",
     "meshproxy": "meshproxy, metrics on, access log off",
     "meshproxy-log": "meshproxy, metrics on, access log on (file)",
     "meshproxy-mirror": "meshproxy, metrics on, mirror filter at 100% (request + response, 64 KiB) to the file sink",
+    "meshproxy-mirror-redis": "meshproxy, metrics on, mirror filter at 100% to Redis Streams (redis-server on CPU 1)",
     "naive": "naive trio + h2 forwarder (bench/naive_forwarder.py)",
     "nginx": "nginx grpc_pass, 1 worker, keepalive upstream",
     "haproxy": "haproxy proto h2 both sides, nbthread 1",
@@ -241,10 +243,9 @@ backend be
 """
 
 
-def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None, mirror: Path | None = None) -> str:
+def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None, mirror: str | None = None) -> str:
     log = f"{{enabled: true, path: {access_log}}}" if access_log else "{enabled: false}"
-    mirror_top = (f"mirror: {{sink: {{type: file, directory: {mirror}, fsync: interval, retention_bytes: 512MiB}}, "
-                  "queue_size: 20000}\n") if mirror else ""
+    mirror_top = f"mirror: {{sink: {mirror}, queue_size: 20000}}\n" if mirror else ""
     filters = ("    filters:\n      - {name: mirror, sample: 1.0, max_body_bytes: 65536, capture_response: true}\n"
                if mirror else "")
     return f"""node: {{service: bench, unit: u1}}
@@ -430,12 +431,20 @@ class Bench:
             return None
         port = free_port()
         d = self.dir
-        if target in ("meshproxy", "meshproxy-log", "meshproxy-mirror"):
+        if target.startswith("meshproxy"):
             admin = free_port()
             log = str(d / "access.log") if target == "meshproxy-log" else None
             conf = d / f"{target}.yaml"
-            mirror = d / "mirror" if target == "meshproxy-mirror" else None
-            conf.write_text(meshproxy_conf(port, admin, origin.port, log, mirror))
+            sink = None
+            if target == "meshproxy-mirror":
+                sink = f"{{type: file, directory: {d / 'mirror'}, fsync: interval, retention_bytes: 512MiB}}"
+            elif target == "meshproxy-mirror-redis":
+                redis_port = free_port()
+                redis = self.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                             "--save", "", "--appendonly", "no"], redis_port, LOAD_CPU)
+                self.wait_tcp(redis)
+                sink = f"{{type: redis, url: 'redis://127.0.0.1:{redis_port}', max_length: 100000}}"
+            conf.write_text(meshproxy_conf(port, admin, origin.port, log, sink))
             svc = self.start(target, meshproxy_argv(conf), port, PROXY_CPU, admin=admin)
             self.wait_ready(svc)
             self.wait_tcp(svc)
