@@ -140,8 +140,9 @@ class FileSink:
             total -= f.stat().st_size
             f.unlink(missing_ok=True)
 
-    def write(self, records: list[Record]) -> None:
-        blobs = [encode(r) for r in records]
+    prepare = staticmethod(encode)
+
+    def write(self, blobs: list[Any]) -> None:
         if self._fd < 0:
             self.open()
         if self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_age:
@@ -184,13 +185,17 @@ class RedisSink:
         self.maxlen = s.max_length
         self.client = redis.Redis.from_url(s.url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
-    def write(self, records: list[Record]) -> None:
+    @staticmethod
+    def prepare(r: Record) -> dict[str, str | bytes | int]:
+        return redis_fields(r)
+
+    def write(self, prepared: list[Any]) -> None:
         import redis
 
         try:
             pipe = self.client.pipeline(transaction=False)
-            for r in records:
-                pipe.xadd(self.stream, redis_fields(r), maxlen=self.maxlen, approximate=True)
+            for fields in prepared:
+                pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
             pipe.execute()
         except redis.RedisError as e:
             raise OSError(f"redis: {e}") from None
@@ -244,10 +249,11 @@ class NatsSink:
         for ack in acks:
             await ack
 
-    def write(self, records: list[Record]) -> None:
+    prepare = staticmethod(encode)
+
+    def write(self, blobs: list[Any]) -> None:
         import asyncio
 
-        blobs = [encode(r) for r in records]
         future = asyncio.run_coroutine_threadsafe(self._publish(blobs), self.loop)
         try:
             future.result(timeout=5.0)
@@ -281,7 +287,7 @@ def make_sink(config: MirrorConfig) -> FileSink | RedisSink | NatsSink:
 class Mirror:
     config: MirrorConfig
     metrics: Metrics
-    _queue: deque[Record] = field(default_factory=deque)
+    _queue: deque[Any] = field(default_factory=deque)  # records as the sink will write them
     _wake: trio.Event = field(default_factory=trio.Event)
     _closed: bool = False
 
@@ -294,6 +300,7 @@ class Mirror:
         self._in_flight = m.mirror_in_flight
         self._latency = m.mirror_sink_seconds
         self.sink = make_sink(self.config)
+        self._prepare = self.sink.prepare
 
     def submit(self, record: Record) -> bool:
         """From the call path: O(1), never blocks, never raises."""
@@ -305,7 +312,9 @@ class Mirror:
         if self._closed or len(self._queue) >= self.config.queue_size:
             self._dropped["queue_full" if not self._closed else "shutdown"].inc()
             return False
-        self._queue.append(record)
+        # Encoded now, a call at a time: the cost is spread evenly instead of
+        # arriving as one burst per batch in front of whatever call comes next.
+        self._queue.append(self._prepare(record))
         self._enqueued.inc()
         self._in_flight.inc()
         if len(self._queue) >= BATCH:
@@ -331,7 +340,7 @@ class Mirror:
                 await trio.sleep(backoff)
                 break
 
-    async def _write(self, batch: list[Record]) -> bool:
+    async def _write(self, batch: list[Any]) -> bool:
         start = time.monotonic()
         try:
             await trio.to_thread.run_sync(self.sink.write, batch, abandon_on_cancel=False)

@@ -53,7 +53,7 @@ def sink_config(directory: Path, **kw: object) -> MirrorConfig:
 def test_record_round_trip_and_torn_tail(tmp_path: Path) -> None:
     sink = mirror.FileSink(sink_config(tmp_path))
     records = [mirror.Record({"id": str(i), "path": "/x"}, os.urandom(i * 10), b"r" * i) for i in range(20)]
-    sink.write(records)
+    sink.write([mirror.encode(r) for r in records])
     sink.close()
     (segment,) = mirror.segments(tmp_path)
     back = list(mirror.read_segment(segment))
@@ -74,7 +74,7 @@ def test_rotation_and_retention(tmp_path: Path) -> None:
     record = mirror.Record({"id": "x"}, b"b" * 1000)
     blob = mirror.encode(record)
     for _ in range(100):
-        sink.write([record])
+        sink.write([blob])
     sink.close()
     files = mirror.segments(tmp_path)
     assert len(files) > 1
@@ -245,8 +245,8 @@ def test_sigkill_leaves_a_spool_that_reads_to_its_last_complete_record(tmp_path:
 
 def test_mirror_tail_prints_records(tmp_path: Path) -> None:
     sink = mirror.FileSink(sink_config(tmp_path))
-    sink.write([mirror.Record({"id": str(i), "protocol": "thrift" if i % 2 else "grpc", "path": "/a"},
-                              b"\x80\x01" + bytes(60)) for i in range(6)])
+    sink.write([mirror.encode(mirror.Record({"id": str(i), "protocol": "thrift" if i % 2 else "grpc", "path": "/a"},
+                                            b"\x80\x01" + bytes(60))) for i in range(6)])
     sink.close()
     out = subprocess.run([sys.executable, "-m", "meshproxy", "mirror", "tail", str(tmp_path), "--protocol", "thrift"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
