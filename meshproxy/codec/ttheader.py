@@ -169,10 +169,6 @@ class Header:
         return info + b"\x00" * (-len(info) % 4)
 
 
-def is_ttheader(first: bytes | bytearray) -> bool:
-    return len(first) >= 6 and _U16.unpack_from(first, 4)[0] == MAGIC
-
-
 def decode(frame: bytes, max_header: int = 65536) -> Header:
     """Decode the header block of a whole frame (LENGTH prefix included)."""
     if len(frame) < META_SIZE:

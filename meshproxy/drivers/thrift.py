@@ -179,7 +179,6 @@ class ServerConnection(_Connection):
         self._capacity = Parked()
         self._timers: list[tuple[float, Slot]] = []
         self._timer_scope = trio.CancelScope()
-        self._timer_wake = Parked()
         self.end_reason = ""
         self.peer = Peer(transport.peer)
         self.nursery: trio.Nursery | None = None
@@ -310,12 +309,8 @@ class ServerConnection(_Connection):
                     slot.on_timeout(slot)
             flush_writes()
             self._timer_scope = trio.CancelScope(deadline=timers[0][0] if timers else math.inf)
-            with self._timer_scope:
-                await self._timer_wake.wait()
-
-    def close(self, reason: str) -> None:
-        self.end_reason = reason
-        self.transport.close(reason)
+            with self._timer_scope:  # until the earliest deadline, which set_deadline may move up
+                await trio.sleep_forever()
 
 
 # -- upstream -----------------------------------------------------------------
