@@ -20,6 +20,7 @@ from meshproxy.admin import AdminSource, serve_admin
 from meshproxy.codec.h2 import quiet_libraries
 from meshproxy.config import Config, ConfigError
 from meshproxy.filters import build_chain
+from meshproxy.filters.base import Chain
 from meshproxy.listener import ListenerRuntime
 from meshproxy.metrics import Metrics
 from meshproxy.mirror import Mirror
@@ -55,10 +56,15 @@ class App:
     # -- building
 
     def _state(self, listener: config_mod.Listener, clusters: dict[str, Cluster]) -> ListenerState:
+        chain = build_chain(listener.filters)
+        route_chains = {
+            id(r): Chain([*chain.filters, *build_chain(r.filters).filters]) for r in listener.routes if r.filters
+        }
         return ListenerState(
             config=listener,
             router=Router(listener.routes),
-            chain=build_chain(listener.filters),
+            chain=chain,
+            route_chains=route_chains or None,
             clusters=clusters,
             access_log=self.access_log,
             metrics=self.metrics,
@@ -146,6 +152,8 @@ class App:
             new_states = {lc.name: lc for lc in new.listeners}
             for lc in new.listeners:  # build chains first: a bad filter must not half-apply
                 build_chain(lc.filters)
+                for route in lc.routes:
+                    build_chain(route.filters)
         except ConfigError as e:
             for line in e.lines:
                 log.error("reload rejected: %s", line)

@@ -125,6 +125,8 @@ class Route:
     match: RouteMatch
     cluster: str
     timeout: float = 15.0  # 0 disables; Envoy's default route timeout is 15 s too
+    # Run after the listener's filters, for this route's calls only.
+    filters: tuple[FilterSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,15 +480,19 @@ def _limits(r: _Reader, raw: object, cls: type[T]) -> T:
 
 
 def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) -> Route:
-    m = r.mapping(raw, ("name", "match", "cluster", "timeout"), required=("match", "cluster"))
+    m = r.mapping(raw, ("name", "match", "cluster", "timeout", "filters"), required=("match", "cluster"))
     name = r.value(m, "name", _string, f"{listener}.{index}")
     cluster = r.value(m, "cluster", _string, "")
     timeout = r.value(m, "timeout", parse_duration, 15.0)
+    filters: tuple[FilterSpec, ...] = ()
+    if "filters" in m:
+        with r.at("filters"):
+            filters = tuple(f for _, f in r.each(m["filters"], lambda _, f: _filter(r, f)))
     match = RouteMatch()
     if "match" in m:
         with r.at("match"):
             if protocol == "thrift":
-                return Route(name, _thrift_match(r, m["match"]), cluster, timeout)
+                return Route(name, _thrift_match(r, m["match"]), cluster, timeout, filters)
             mm = r.mapping(m["match"], ("prefix", "path", "headers"))
             prefix = r.value(mm, "prefix", _path_string, None)
             path = r.value(mm, "path", _path_string, None)
@@ -497,7 +503,7 @@ def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) ->
                 with r.at("headers"):
                     headers = r.each(mm["headers"], lambda _, h: _header_match(r, h))
             match = RouteMatch(prefix=prefix, path=path, headers=tuple(h for _, h in headers))
-    return Route(name=name, match=match, cluster=cluster, timeout=timeout)
+    return Route(name=name, match=match, cluster=cluster, timeout=timeout, filters=filters)
 
 
 def _thrift_match(r: _Reader, raw: object) -> RouteMatch:
@@ -787,6 +793,13 @@ def _cross_check(
             except FilterOptionError as e:
                 key = f"listeners[{li}].filters[{fi}]" + (f".{e.key}" if e.key else "")
                 r.problem(e.message, key)
+        for ri, route in zip(p.route_index, lst.routes, strict=True):
+            for fi, spec in enumerate(route.filters):
+                try:
+                    validate_filter(spec)
+                except FilterOptionError as e:
+                    key = f"listeners[{li}].routes[{ri}].filters[{fi}]" + (f".{e.key}" if e.key else "")
+                    r.problem(e.message, key)
 
 
 def _duplicates(r: _Reader, section: str, names: list[tuple[int, str]]) -> None:

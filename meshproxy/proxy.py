@@ -62,12 +62,19 @@ class ListenerState:
     access_log: AccessLog
     metrics: Metrics
     node_service: str = "meshproxy"
+    # Listener filters then the route's, for routes that have filters (by id of the Route).
+    route_chains: dict[int, Chain] | None = None
+
+    def chain_for(self, route: object | None) -> Chain:
+        if route is None or not self.route_chains:
+            return self.chain
+        return self.route_chains.get(id(route), self.chain)
 
 
 class _Outcome:
     """What happened to one call, for metrics and the access log."""
 
-    __slots__ = ("bytes_out", "grpc_status", "reason", "response_started", "status", "trailers", "upstream")
+    __slots__ = ("bytes_out", "chain", "grpc_status", "reason", "response_started", "status", "trailers", "upstream")
 
     def __init__(self) -> None:
         self.status = 0  # 0: no response sent (client went away first)
@@ -77,6 +84,7 @@ class _Outcome:
         self.bytes_out = 0
         self.upstream = ""
         self.trailers: Headers | None = None
+        self.chain: Chain | None = None
 
 
 class HttpProxy:
@@ -187,11 +195,12 @@ class HttpProxy:
             call.cluster = route.cluster
             if route.timeout > 0 and call.start + route.timeout < call.deadline:
                 call.deadline = deadline_scope.deadline = call.start + route.timeout
-        respond, ran = await state.chain.on_request(call)
+        chain = out.chain = state.chain_for(route)
+        respond, ran = await chain.on_request(call)
         if deadline_scope.deadline != call.deadline:  # a filter may have changed it
             deadline_scope.deadline = call.deadline
         if respond is not None:
-            await self._filter_reply(call, link, stream, out, respond, ran, state.chain)
+            await self._filter_reply(call, link, stream, out, respond, ran, chain)
             return
         if call.cluster is None:
             raise NoRoute(f"no route for {call.path}")
@@ -311,7 +320,8 @@ class HttpProxy:
         head = await ustream.wait_head()
         status = int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
         response = Response(status, [(k, v) for k, v in head if k[0] != 58], ustream)
-        await state.chain.on_response(call, response, len(state.chain.filters))
+        chain = out.chain or state.chain
+        await chain.on_response(call, response, len(chain.filters))
         down: Headers = [(b":status", _STATUS.get(response.status) or str(response.status).encode())]
         down += response.headers
         out.status = response.status

@@ -37,7 +37,7 @@ _STATUS = {code: str(code) for code in range(100, 600)}
 class _Pending:
     """One call between its request and its end."""
 
-    __slots__ = ("call", "cluster", "conn", "msg", "pool", "ran", "state")
+    __slots__ = ("call", "chain", "cluster", "conn", "msg", "pool", "ran", "state")
 
     def __init__(self, call: Call, msg: thrift.Message, conn: ServerConnection, state: ListenerState) -> None:
         self.call = call
@@ -47,6 +47,7 @@ class _Pending:
         self.cluster: ThriftCluster | None = None
         self.pool: ThriftEndpointPool | None = None
         self.ran = 0
+        self.chain = state.chain
 
 
 class ThriftProxy:
@@ -121,7 +122,7 @@ class ThriftProxy:
             call.cluster = route.cluster
             if route.timeout > 0 and call.start + route.timeout < call.deadline:
                 call.deadline = call.start + route.timeout
-        chain = state.chain
+        chain = p.chain = state.chain_for(route)
         changed = False
         if chain.has_request_hooks:
             flush_writes()  # a filter may wait: earlier calls of this batch go out first
@@ -222,7 +223,7 @@ class ThriftProxy:
         if not conn.finish(slot):
             return
         self._done_upstream(p)
-        if p.state.chain.has_response_hooks:
+        if p.chain.has_response_hooks:
             conn.nursery.start_soon(self._respond_with_filters, p, slot, reply)
             return
         data = self._downstream_frame(p, reply, None)
@@ -233,7 +234,7 @@ class ThriftProxy:
     async def _respond_with_filters(self, p: _Pending, slot: Slot, reply: thrift.Message) -> None:
         response = Response(200, reply.header.metadata() if reply.header is not None else [], BytesBody(reply.payload))
         try:
-            await p.state.chain.on_response(p.call, response, p.ran)
+            await p.chain.on_response(p.call, response, p.ran)
         except Exception:
             log.exception("a response filter failed on call %s", p.call.request_id)
         data = self._downstream_frame(p, reply, response.headers)

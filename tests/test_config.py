@@ -459,3 +459,9 @@ def test_thrift_config_errors(tmp_path: Path, old: str, new: str, expected: str 
     name, lines = problems(tmp_path, THRIFT.replace(old, new, 1))
     want = [expected] if isinstance(expected, str) else list(expected)
     assert lines == [f"{name}: {e}" for e in want]
+
+
+def test_route_filter_errors_name_their_key_path(tmp_path: Path) -> None:
+    text = GOOD.replace("        cluster: backend\n", "        cluster: backend\n        filters:\n          - {name: mirror, sample: 2}\n", 1)
+    name, lines = problems(tmp_path, text)
+    assert lines == [f"{name}: listeners[0].routes[0].filters[0].sample: expected a share from 0 to 1, got 2"]

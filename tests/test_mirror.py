@@ -411,3 +411,38 @@ async def test_grpc_calls_to_nats_jetstream_and_replay(
     assert reconciles(app)
     summary = await trio.to_thread.run_sync(replay, f"{url}#mesh.calls", port)  # type: ignore[arg-type]
     assert (summary["sent"], summary["succeeded"], summary["status_differs_from_record"]) == (8, 8, 0)
+
+
+async def test_mirror_on_one_route_only(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery)
+    text = f"""\
+admin: {{address: "{HOST}:0"}}
+mirror: {{sink: {{type: file, directory: {tmp_path / 'spool'}, fsync: never}}, flush_interval: 10ms}}
+listeners:
+  - name: test
+    direction: egress
+    address: "{HOST}:0"
+    filters:
+      - {{name: headers, request: {{set: {{x-from-listener: "1"}}}}}}
+    routes:
+      - match: {{prefix: /size/}}
+        cluster: backend
+        filters:
+          - {{name: mirror, sample: 1.0}}
+      - match: {{prefix: /}}
+        cluster: backend
+clusters:
+  - name: backend
+    endpoints: ["{HOST}:{backend.port}"]
+"""
+    app = await start_proxy(nursery, write_config(tmp_path, text))
+    c = await H2Client.connect(listen_port(app))
+    for path in ("/size/5", "/status/200", "/size/6", "/status/200"):
+        assert (await c.get(path))[0] == 200
+    await c.aclose()
+    await written(app, 2)
+    await trio.sleep(0.05)
+    records = list(mirror.read_spool(tmp_path / "spool"))
+    assert [r.meta["path"] for r in records] == ["/size/5", "/size/6"]
+    # The listener's filters ran first: the mirrored request already carries their header.
+    assert ["x-from-listener", "1"] in records[0].meta["request_headers"]
