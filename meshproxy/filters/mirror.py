@@ -55,13 +55,16 @@ def _names(raw: Any) -> tuple[bytes, ...]:
 class _Capture:
     """What one mirrored call collects while it runs."""
 
-    __slots__ = ("limit", "request", "request_cut", "response", "response_cut", "response_headers", "started")
+    __slots__ = ("limit", "request", "request_cut", "request_size", "response", "response_cut", "response_headers",
+                 "response_size", "started")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.started = time.time()
-        self.request = bytearray()
-        self.response = bytearray()
+        # The chunks as forwarded (no copy); encode joins them once.
+        self.request: list[bytes] = []
+        self.response: list[bytes] = []
+        self.request_size = self.response_size = 0
         self.request_cut = self.response_cut = False
         self.response_headers: Headers | None = None
 
@@ -169,7 +172,7 @@ class MirrorFilter(Filter):
             meta["response_headers"] = self._headers(capture.response_headers or [])
             meta["response_trailers"] = self._headers(done.trailers) if done.trailers else None
             meta["response_truncated"] = capture.response_cut
-        sink.submit(mirror.Record(meta, bytes(capture.request), bytes(capture.response)))
+        sink.submit(mirror.Record(meta, capture.request, capture.response))
 
     def _headers(self, headers: Headers) -> list[list[str]]:
         redact = self.redact
@@ -179,16 +182,20 @@ class MirrorFilter(Filter):
 
 
 def _keep(capture: _Capture, chunk: bytes, request: bool) -> None:
-    buf = capture.request if request else capture.response
-    room = capture.limit - len(buf)
-    if len(chunk) > room:
-        buf += chunk[: max(room, 0)]
-        if request:
+    if request:
+        room = capture.limit - capture.request_size
+        if len(chunk) > room:
+            chunk = chunk[: max(room, 0)]
             capture.request_cut = True
-        else:
-            capture.response_cut = True
+        capture.request.append(chunk)
+        capture.request_size += len(chunk)
     else:
-        buf += chunk
+        room = capture.limit - capture.response_size
+        if len(chunk) > room:
+            chunk = chunk[: max(room, 0)]
+            capture.response_cut = True
+        capture.response.append(chunk)
+        capture.response_size += len(chunk)
 
 
 def _text(raw: Any) -> str:
