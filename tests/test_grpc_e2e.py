@@ -195,9 +195,10 @@ async def test_client_deadline_is_forwarded_less_time_spent(tmp_path, grpc_serve
                 ch.unary_unary(UNARY)(b"x", timeout=5)
 
         await trio.to_thread.run_sync(call)
-        # The client's 5 s (not the route's 15 s), less what was spent on the way; how much
-        # was spent depends on the machine's load, so only the bounds are checked.
-        assert service.time_remaining is not None and 0.0 < service.time_remaining < 5.0, service.time_remaining
+        # The client's 5 s (not the route's 15 s), less what was spent on the way. grpc core
+        # rounds the timeout it sends up to a coarser value (5 s can leave as "5010m"), and how
+        # much was spent depends on the machine's load, so only the bounds are checked.
+        assert service.time_remaining is not None and 0.0 < service.time_remaining < 5.5, service.time_remaining
         nursery.cancel_scope.cancel()
 
 
