@@ -128,6 +128,8 @@ class Channel:
 
     def send_some(self, data: bytes | bytearray | memoryview) -> int:
         """Write what fits now (split into records); rings the reader if it sleeps."""
+        if self.closed:  # the rings are unmapped: never touch them again
+            raise ShmError(errno.EPIPE, "shm channel closed")
         if not data:
             return 0
         n = lib.shm_ring_write_some(self.tx, ffi.from_buffer(data), len(data))
@@ -139,6 +141,8 @@ class Channel:
 
     def recv_some(self, max_bytes: int = RECV_SIZE) -> bytes:
         """What is there now (b"" if nothing); rings the writer if it waits for space."""
+        if self.closed:
+            return b""
         n = lib.shm_ring_read_some(self.rx, self._buf, min(max_bytes, RECV_SIZE), self._offset)
         if n < 0:
             raise self._fail(n)
@@ -149,24 +153,26 @@ class Channel:
         return ffi.buffer(self._buf, n)[:]
 
     def readable(self) -> bool:
-        return bool(lib.shm_ring_readable(self.rx))
+        return not self.closed and bool(lib.shm_ring_readable(self.rx))
 
     # -- sleeping
 
     def rx_sleep(self) -> bool:
         """About to wait for data: False if data came meanwhile (do not wait)."""
-        return not lib.shm_ring_reader_sleep(self.rx)
+        return not self.closed and not lib.shm_ring_reader_sleep(self.rx)
 
     def rx_awake(self) -> None:
-        lib.shm_ring_reader_awake(self.rx)
-        lib.shm_ring_doorbell_drain(self.rx_data)
+        if not self.closed:
+            lib.shm_ring_reader_awake(self.rx)
+            lib.shm_ring_doorbell_drain(self.rx_data)
 
     def tx_sleep(self) -> bool:
-        return not lib.shm_ring_writer_sleep(self.tx, 1)
+        return not self.closed and not lib.shm_ring_writer_sleep(self.tx, 1)
 
     def tx_awake(self) -> None:
-        lib.shm_ring_writer_awake(self.tx)
-        lib.shm_ring_doorbell_drain(self.tx_space)
+        if not self.closed:
+            lib.shm_ring_writer_awake(self.tx)
+            lib.shm_ring_doorbell_drain(self.tx_space)
 
     def peer_gone(self) -> bool:
         """The unix socket says the peer closed or died."""

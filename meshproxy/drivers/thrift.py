@@ -153,6 +153,7 @@ class _Connection:
                 continue
             await on_message(msg)
             if transport.backlogged:
+                flush_writes()  # what this batch queued must not wait for a slow reader
                 await transport.drained()
 
 
