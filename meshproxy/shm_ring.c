@@ -327,7 +327,7 @@ int shm_ring_reader_needs_wake(shm_ring *r) {
 int shm_ring_writer_sleep(shm_ring *r, uint32_t len) {
     atomic_store_explicit(at32(r, OFF_WRITER_WAITING), 1, memory_order_seq_cst);
     atomic_thread_fence(memory_order_seq_cst);
-    if (r->corrupt || shm_ring_writable(r, len) || r->corrupt) {
+    if (shm_ring_writable(r, len) || r->corrupt) { /* corrupt: let the writer see the error */
         atomic_store_explicit(at32(r, OFF_WRITER_WAITING), 0, memory_order_relaxed);
         return 1;
     }
