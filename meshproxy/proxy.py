@@ -431,7 +431,7 @@ class HttpProxy:
         m.child(m.request_duration, *labels).observe(duration)
         if call.completion_hooks:
             done = Completion(out.status, out.grpc_status, out.reason, duration, out.upstream, out.trailers)
-            _complete(call, done)
+            complete(call, done)
         if stream.received:
             m.child(m.request_bytes, call.listener).inc(stream.received)
         if out.bytes_out:
@@ -511,7 +511,8 @@ async def _pump_request(call: Call, body: Body, ustream: Stream) -> None:
         pass
 
 
-def _complete(call: Call, done: Completion) -> None:
+def complete(call: Call, done: Completion) -> None:
+    """Run a finished call's completion hooks; a failing hook is logged, never raised."""
     for hook in call.completion_hooks:
         try:
             hook(call, done)
@@ -539,5 +540,3 @@ def _grpc_for_http(http_status: int) -> int:
 
 
 __all__ = ["HttpProxy", "ListenerState", "complete"]
-
-complete = _complete
