@@ -20,7 +20,7 @@ from meshproxy.admin import AdminSource, serve_admin
 from meshproxy.codec.h2 import quiet_libraries
 from meshproxy.config import Config, ConfigError
 from meshproxy.filters import build_chain
-from meshproxy.filters.base import Chain
+from meshproxy.filters.base import Chain, FilterContext
 from meshproxy.listener import ListenerRuntime
 from meshproxy.metrics import Metrics
 from meshproxy.mirror import Mirror
@@ -56,9 +56,13 @@ class App:
     # -- building
 
     def _state(self, listener: config_mod.Listener, clusters: dict[str, Cluster]) -> ListenerState:
-        chain = build_chain(listener.filters)
+        context = FilterContext(
+            listener.name, listener.direction, self.config.node.service, self.config.node.unit, self.metrics
+        )
+        chain = build_chain(listener.filters, context)
         route_chains = {
-            id(r): Chain([*chain.filters, *build_chain(r.filters).filters]) for r in listener.routes if r.filters
+            id(r): Chain([*chain.filters, *build_chain(r.filters, context).filters])
+            for r in listener.routes if r.filters
         }
         return ListenerState(
             config=listener,

@@ -155,10 +155,22 @@ class Call:
     completion_hooks: list[CompletionHook] = field(default_factory=list)
     # Per-call state of filters, by filter name (e.g. what the mirror filter captured).
     filter_state: dict[str, Any] = field(default_factory=dict)
+    # Who called, once authenticated: a verified service ticket's subject, else
+    # the mTLS peer identity; None until something vouched for the caller.
+    principal: str | None = None
+    # Extra access-log fields set by filters (the authz decision, the ticket
+    # result); None until the first one, so calls without them allocate nothing.
+    log_fields: dict[str, Any] | None = None
 
     @property
     def is_grpc(self) -> bool:
         return self.protocol is Protocol.GRPC
+
+    def log_field(self, name: str, value: Any) -> None:
+        """Add `name: value` (JSON-serialisable) to this call's access-log line."""
+        if self.log_fields is None:
+            self.log_fields = {}
+        self.log_fields[name] = value
 
 
 @dataclass(eq=False, slots=True)

@@ -49,6 +49,10 @@ class Metrics:
     mirror_dropped: Counter
     mirror_in_flight: Gauge
     mirror_sink_seconds: Histogram
+    # Access control (filters/authz.py, filters/ticket.py): rule names come from
+    # the config, results and actions from fixed sets, so the label sets are bounded.
+    authz_decisions: Counter
+    ticket_verifications: Counter
     # prometheus_client's .labels() hashes and validates on every call; the
     # label sets are bounded, so the children are cached here.
     _children: dict[Any, Any]
@@ -145,6 +149,16 @@ class Metrics:
             mirror_sink_seconds=Histogram(
                 "meshproxy_mirror_sink_seconds", "Time to write one batch to the mirror sink",
                 buckets=DURATION_BUCKETS, registry=r,
+            ),
+            authz_decisions=Counter(
+                "meshproxy_authz_decisions", "authz decisions, by the rule that decided ('default' if none "
+                "matched), its action (allow|deny) and whether the filter only observes (dry_run)",
+                ("listener", "rule", "action", "dry_run"), registry=r,
+            ),
+            ticket_verifications=Counter(
+                "meshproxy_ticket_verifications", "Service tickets verified, by result "
+                "(ok|expired|invalid|missing) and the action taken (allow|deny|dry_run)",
+                ("listener", "result", "action"), registry=r,
             ),
             _children={},
         )

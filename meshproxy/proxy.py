@@ -461,6 +461,7 @@ class HttpProxy:
                 "request_id": call.request_id,
                 "traceparent": traceparent,
                 "peer": call.peer.address,
+                **(call.log_fields or {}),  # what filters added (the authz decision, ...)
             })
 
 

@@ -355,6 +355,7 @@ class ThriftProxy:
                 "bytes_out": bytes_out,
                 "request_id": call.request_id,
                 "peer": call.peer.address,
+                **(call.log_fields or {}),  # what filters added (the authz decision, ...)
             })
 
     def _metric_children(

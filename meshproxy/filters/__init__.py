@@ -11,15 +11,19 @@ import importlib
 from importlib.metadata import entry_points
 
 from meshproxy.config import FilterOptionError, FilterSpec
-from meshproxy.filters.base import Chain, Filter
+from meshproxy.filters.authz import AuthzFilter
+from meshproxy.filters.base import Chain, Filter, FilterContext
 from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
 from meshproxy.filters.mirror import MirrorFilter
+from meshproxy.filters.ticket import TicketFilter
 
 FILTER_TYPES: dict[str, type[Filter]] = {
     HeadersFilter.name: HeadersFilter,
     FaultFilter.name: FaultFilter,
     MirrorFilter.name: MirrorFilter,
+    TicketFilter.name: TicketFilter,
+    AuthzFilter.name: AuthzFilter,
 }
 
 ENTRY_POINT_GROUP = "meshproxy.filters"
@@ -54,13 +58,16 @@ def _check_class(name: str, cls: object) -> type[Filter]:
     return cls
 
 
-def build(spec: FilterSpec) -> Filter:
-    return resolve(spec.name).from_options(spec.options_dict())
+def build(spec: FilterSpec, context: FilterContext | None = None) -> Filter:
+    f = resolve(spec.name).from_options(spec.options_dict())
+    if context is not None:
+        f.bind(context)
+    return f
 
 
 def validate_spec(spec: FilterSpec) -> None:
     build(spec)
 
 
-def build_chain(specs: tuple[FilterSpec, ...]) -> Chain:
-    return Chain([build(s) for s in specs])
+def build_chain(specs: tuple[FilterSpec, ...], context: FilterContext | None = None) -> Chain:
+    return Chain([build(s, context) for s in specs])

@@ -16,19 +16,27 @@ A filter is a class with up to three hooks, each optional:
 
 ``from_options(options)`` builds the filter from its config mapping (every
 key of the filter's entry but ``name``); it raises ``FilterOptionError`` for a
-bad option, which the config loader reports with its key path.
+bad option, which the config loader reports with its key path. When the app
+builds a listener's chain it then calls ``bind(context)`` once: a
+``FilterContext`` with the listener, the node's service and unit, and the
+metrics (filters that count or that speak for the node override it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from meshproxy.call import Call, Headers, Response
 from meshproxy.config import FilterOptionError
 
-__all__ = ["CONTINUE", "Chain", "Continue", "Filter", "FilterOptionError", "Options", "Respond"]
+if TYPE_CHECKING:
+    from meshproxy.metrics import Metrics
+
+__all__ = [
+    "CONTINUE", "Chain", "Continue", "Filter", "FilterContext", "FilterOptionError", "Options", "Respond",
+]
 
 T = TypeVar("T")
 
@@ -53,6 +61,20 @@ class Respond:
     reason: str = "filter"  # metric label: keep it to a small fixed set per filter
 
 
+@dataclass(frozen=True, slots=True)
+class FilterContext:
+    """Where a filter runs: given to ``Filter.bind`` when a listener's chain is built.
+
+    Config validation builds filters without one, so a filter must work unbound
+    (no metrics, the default node)."""
+
+    listener: str = ""
+    direction: str = ""
+    node_service: str = "meshproxy"
+    node_unit: str = ""
+    metrics: Metrics | None = None
+
+
 class Filter:
     """Base class; override the hooks you need (the chain skips the others)."""
 
@@ -62,6 +84,10 @@ class Filter:
     def from_options(cls, options: dict[str, Any]) -> Filter:
         Options(options).done()
         return cls()
+
+    def bind(self, context: FilterContext) -> None:
+        """Called once after ``from_options`` when the app builds a listener's chain."""
+        return None
 
     async def on_request(self, call: Call) -> Continue | Respond:
         return CONTINUE

@@ -16,10 +16,12 @@ from meshproxy.call import Call, EmptyBody, Headers, Peer, Protocol, Response
 from meshproxy.codec.h2 import request_problem
 from meshproxy.config import FilterOptionError, FilterSpec
 from meshproxy.filters import FILTER_TYPES, build, build_chain, resolve
+from meshproxy.filters.authz import AuthzFilter
 from meshproxy.filters.base import CONTINUE, Chain, Continue, Filter, Options, Respond
 from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
 from meshproxy.filters.mirror import MirrorFilter
+from meshproxy.filters.ticket import TicketFilter
 
 
 def make_call(headers: Headers | None = None, *, grpc: bool = False) -> Call:
@@ -416,7 +418,9 @@ def test_resolve_builtins() -> None:
     assert resolve("headers") is HeadersFilter
     assert resolve("fault") is FaultFilter
     assert resolve("mirror") is MirrorFilter
-    assert FILTER_TYPES == {"headers": HeadersFilter, "fault": FaultFilter, "mirror": MirrorFilter}
+    assert FILTER_TYPES == {
+        "headers": HeadersFilter, "fault": FaultFilter, "mirror": MirrorFilter, "ticket": TicketFilter, "authz": AuthzFilter,
+    }
 
 
 def test_resolve_by_import_path() -> None:
@@ -445,7 +449,7 @@ def test_unknown_name_lists_the_builtins() -> None:
     with pytest.raises(FilterOptionError) as info:
         resolve("ratelimit")
     assert info.value.key == "name"
-    assert info.value.message == "unknown filter 'ratelimit' (built-in: fault, headers, mirror; or give module:Class)"
+    assert info.value.message == "unknown filter 'ratelimit' (built-in: authz, fault, headers, mirror, ticket; or give module:Class)"
 
 
 @pytest.mark.parametrize(
