@@ -123,6 +123,7 @@ class Completion:
     duration: float
     upstream: str
     trailers: Headers | None = None
+    headers: Headers | None = None  # the response headers as sent, :status first; None if none were
 
 
 CompletionHook = Callable[["Call", Completion], None]

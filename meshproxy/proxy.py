@@ -74,7 +74,8 @@ class ListenerState:
 class _Outcome:
     """What happened to one call, for metrics and the access log."""
 
-    __slots__ = ("bytes_out", "chain", "grpc_status", "reason", "response_started", "status", "trailers", "upstream")
+    __slots__ = ("bytes_out", "chain", "grpc_status", "headers", "reason", "response_started", "status", "trailers",
+                 "upstream")
 
     def __init__(self) -> None:
         self.status = 0  # 0: no response sent (client went away first)
@@ -84,6 +85,7 @@ class _Outcome:
         self.bytes_out = 0
         self.upstream = ""
         self.trailers: Headers | None = None
+        self.headers: Headers | None = None  # as sent downstream
         self.chain: Chain | None = None
 
 
@@ -329,6 +331,7 @@ class HttpProxy:
         if end and call.is_grpc:
             out.grpc_status = _grpc_status(response.headers)
         link.send_headers(stream, down, end)
+        out.headers = down
         out.response_started = True
         if not end:
             out.bytes_out = await _pump(call, ustream, stream, call.response_observers)
@@ -416,7 +419,8 @@ class HttpProxy:
         if call.is_grpc:
             out.grpc_status = str(grpc_status)
         out.response_started = True
-        link.send_headers(stream, [(b":status", _STATUS[status_out]), *headers], end=not body)
+        out.headers = [(b":status", _STATUS[status_out]), *headers]
+        link.send_headers(stream, out.headers, end=not body)
         if body:
             await link.send_data(stream, body, True)
 
@@ -430,7 +434,7 @@ class HttpProxy:
         duration = trio.current_time() - call.start
         m.child(m.request_duration, *labels).observe(duration)
         if call.completion_hooks:
-            done = Completion(out.status, out.grpc_status, out.reason, duration, out.upstream, out.trailers)
+            done = Completion(out.status, out.grpc_status, out.reason, duration, out.upstream, out.trailers, out.headers)
             complete(call, done)
         if stream.received:
             m.child(m.request_bytes, call.listener).inc(stream.received)

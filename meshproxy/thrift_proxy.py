@@ -229,7 +229,7 @@ class ThriftProxy:
         data = self._downstream_frame(p, reply, None)
         conn.deliver(slot, data)
         result = "reply" if reply.head.mtype == thrift.REPLY else "exception"
-        self._record(p, 200, "", result, len(data))
+        self._record(p, 200, "", result, len(data), reply)
 
     async def _respond_with_filters(self, p: _Pending, slot: Slot, reply: thrift.Message) -> None:
         response = Response(200, reply.header.metadata() if reply.header is not None else [], BytesBody(reply.payload))
@@ -240,7 +240,7 @@ class ThriftProxy:
         data = self._downstream_frame(p, reply, response.headers)
         p.conn.deliver(slot, data)
         flush_writes()
-        self._record(p, 200, "", "reply" if reply.head.mtype == thrift.REPLY else "exception", len(data))
+        self._record(p, 200, "", "reply" if reply.head.mtype == thrift.REPLY else "exception", len(data), reply)
 
     def _downstream_frame(self, p: _Pending, reply: thrift.Message, metadata: Headers | None) -> bytes:
         msg = p.msg
@@ -316,7 +316,9 @@ class ThriftProxy:
 
     # -- metrics and the access log
 
-    def _record(self, p: _Pending, status: int, reason: str, result: str, bytes_out: int) -> None:
+    def _record(
+        self, p: _Pending, status: int, reason: str, result: str, bytes_out: int, reply: thrift.Message | None = None
+    ) -> None:
         call, state = p.call, p.state
         route = call.route.name if call.route is not None else "-"
         cluster = call.cluster or "-"
@@ -329,7 +331,10 @@ class ThriftProxy:
         duration = trio.current_time() - call.start
         duration_hist.observe(duration)
         if call.completion_hooks:
-            complete(call, Completion(status, "", reason, duration, call.upstream_address))
+            headers = None
+            if reply is not None:
+                headers = [(b":status", b"200"), *(reply.header.metadata() if reply.header is not None else ())]
+            complete(call, Completion(status, "", reason, duration, call.upstream_address, None, headers))
         thrift_calls.inc()
         request_bytes.inc(len(p.msg.frame))
         if bytes_out:

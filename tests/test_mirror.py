@@ -376,7 +376,7 @@ async def test_thrift_calls_to_redis_streams(nursery: trio.Nursery, tmp_path: Pa
         assert r.xlen("calls") == 12
         _, fields = r.xrange("calls", count=1)[0]
         assert fields[b"protocol"] == b"thrift" and fields[b"path"] == b"/Echo/echo" and fields[b"status"] == b"200"
-        assert fields[b"request"].endswith(b"r0\x00") and json.loads(fields[b"meta"])["service"] == "Echo"
+        assert fields[b"request"].endswith(b"r0\x00") and mirror.decode_meta(fields[b"meta"])["service"] == "Echo"
         tail = subprocess.run([sys.executable, "-m", "meshproxy", "mirror", "tail", f"{url}#calls"],
                               capture_output=True, text=True, timeout=30)
         assert len(tail.stdout.splitlines()) == 12
@@ -446,3 +446,76 @@ clusters:
     assert [r.meta["path"] for r in records] == ["/size/5", "/size/6"]
     # The listener's filters ran first: the mirrored request already carries their header.
     assert ["x-from-listener", "1"] in records[0].meta["request_headers"]
+
+
+# -- tail --follow, from each kind of source --------------------------------------------
+
+
+def _follow(source: str, write: object, n_before: int, n_after: int) -> list[dict]:
+    """Start `tail --follow` after n_before records exist, write n_after more, read them all."""
+    import queue
+    import threading
+
+    write(0, n_before)  # type: ignore[operator]
+    proc = subprocess.Popen([sys.executable, "-m", "meshproxy", "mirror", "tail", "--follow", source],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    got: queue.Queue[bytes] = queue.Queue()
+    threading.Thread(target=lambda: [got.put(x) for x in proc.stdout or ()], daemon=True).start()
+    lines: list[dict] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(lines) < n_before + n_after and time.monotonic() < deadline:
+            try:
+                lines.append(json.loads(got.get(timeout=0.5)))
+            except queue.Empty:
+                continue
+            if len(lines) == n_before:
+                write(n_before, n_after)  # type: ignore[operator]
+        assert proc.poll() is None, "tail --follow exited: " + (proc.stderr.read().decode() if proc.stderr else "")
+    finally:
+        proc.kill()
+        proc.wait(5)
+    return lines
+
+
+def _records(start: int, n: int) -> list[mirror.Record]:
+    return [mirror.Record({"id": f"f{i}", "protocol": "grpc", "path": "/a", "listener": "l"}, b"req%d" % i)
+            for i in range(start, start + n)]
+
+
+def test_tail_follow_spool(tmp_path: Path) -> None:
+    sink = mirror.FileSink(sink_config(tmp_path))
+
+    def write(start: int, n: int) -> None:
+        sink.write([mirror.encode(r) for r in _records(start, n)])
+
+    lines = _follow(str(tmp_path), write, 2, 3)
+    sink.close()
+    assert [x["id"] for x in lines] == [f"f{i}" for i in range(5)]
+
+
+@pytest.mark.needs("redis-server")
+def test_tail_follow_redis(redis_port: int) -> None:
+    url = f"redis://{HOST}:{redis_port}"
+    sink = mirror.RedisSink(MirrorConfig(sink=MirrorSink(type="redis", url=url, stream="calls")))
+
+    def write(start: int, n: int) -> None:
+        sink.write([mirror.RedisSink.prepare(r) for r in _records(start, n)])
+
+    lines = _follow(f"{url}#calls", write, 2, 3)
+    sink.close()
+    assert [x["id"] for x in lines] == [f"f{i}" for i in range(5)]
+    assert lines[0]["request_body"]["text"] == "req0" and lines[0]["route"] is None  # a left-out default is back
+
+
+@pytest.mark.needs("nats-server")
+def test_tail_follow_nats(nats_port: int) -> None:
+    url = f"nats://{HOST}:{nats_port}"
+    sink = mirror.NatsSink(MirrorConfig(sink=MirrorSink(type="nats", url=url, subject="mesh.follow")))
+
+    def write(start: int, n: int) -> None:
+        sink.write([mirror.NatsSink.prepare(r) for r in _records(start, n)])
+
+    lines = _follow(f"{url}#mesh.follow", write, 2, 3)
+    sink.close()
+    assert [x["id"] for x in lines] == [f"f{i}" for i in range(5)]

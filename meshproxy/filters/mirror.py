@@ -15,17 +15,18 @@ record replays byte for byte.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
 from typing import Any
 
 from meshproxy import mirror
-from meshproxy.call import Call, Completion, Headers, Response
+from meshproxy.call import Call, Completion, Headers, header_value
 from meshproxy.filters.base import CONTINUE, Continue, Filter, FilterOptionError, Options
 
 DEFAULT_REDACT = ("authorization", "cookie", "set-cookie", "proxy-authorization", "x-ticket", "tt.acl_token")
-REDACTED = "<redacted>"
+REDACTED = b"<redacted>"
 
 
 def _ratio(raw: Any) -> float:
@@ -53,20 +54,88 @@ def _names(raw: Any) -> tuple[bytes, ...]:
 
 
 class _Capture:
-    """What one mirrored call collects while it runs."""
+    """What one mirrored call collects while it runs; its methods are the call's hooks."""
 
-    __slots__ = ("limit", "request", "request_cut", "request_size", "response", "response_cut", "response_headers",
-                 "response_size", "started")
+    __slots__ = ("filter", "request", "request_cut", "request_room", "response", "response_cut", "response_room")
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.started = time.time()
-        # The chunks as forwarded (no copy); encode joins them once.
+    def __init__(self, f: MirrorFilter) -> None:
+        self.filter = f
+        # The chunks as forwarded (no copy); encode writes them as they are.
         self.request: list[bytes] = []
         self.response: list[bytes] = []
-        self.request_size = self.response_size = 0
+        self.request_room = self.response_room = f.max_body_bytes
         self.request_cut = self.response_cut = False
-        self.response_headers: Headers | None = None
+
+    def on_request_chunk(self, call: Call, chunk: bytes) -> None:
+        if len(chunk) > self.request_room:
+            chunk = chunk[: self.request_room]
+            self.request_cut = True
+        self.request.append(chunk)
+        self.request_room -= len(chunk)
+
+    def on_response_chunk(self, call: Call, chunk: bytes) -> None:
+        if len(chunk) > self.response_room:
+            chunk = chunk[: self.response_room]
+            self.response_cut = True
+        self.response.append(chunk)
+        self.response_room -= len(chunk)
+
+    def on_complete(self, call: Call, done: Completion) -> None:
+        sink = mirror.current()
+        if sink is None:
+            return
+        f = self.filter
+        end = time.time()
+        route = call.route
+        traceparent = header_value(call.headers, b"traceparent")
+        # Fields at their default (None, False) are left out: the head packs
+        # faster and smaller, and mirror.decode_meta puts them back.
+        meta: dict[str, Any] = {
+            "id": _next_id(),
+            "start": end - done.duration,
+            "end": end,
+            "listener": call.listener,
+            "direction": call.direction,
+            "protocol": call.protocol.value,
+            "service": call.authority,
+            "method": call.method,
+            "path": call.path,
+            "scheme": call.scheme,
+            "cluster": call.cluster,
+            "status": done.status,
+            "duration_ms": round(done.duration * 1000, 3),
+            "request_id": call.request_id,
+            "request_headers": f.redacted(call.headers),
+        }
+        if route is not None:
+            meta["route"] = route.name
+        if done.upstream:
+            meta["upstream"] = done.upstream
+        if done.grpc_status:
+            meta["grpc_status"] = done.grpc_status
+        if done.reason:
+            meta["reason"] = done.reason
+        if traceparent is not None:
+            meta["traceparent"] = traceparent.decode("latin-1")
+        if self.request_cut:
+            meta["request_truncated"] = True
+        if f.capture_response:
+            meta["response_headers"] = f.redacted(done.headers) if done.headers else []
+            if done.trailers:
+                meta["response_trailers"] = f.redacted(done.trailers)
+            if self.response_cut:
+                meta["response_truncated"] = True
+        sink.submit(mirror.Record(meta, self.request, self.response))
+
+
+# Record ids: unique per process start (random prefix) and ordered within it;
+# cheaper than random bytes per call.
+_ID_PREFIX = os.urandom(6).hex()
+_ids = itertools.count(1)
+
+
+def _next_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ids):08x}"
 
 
 class MirrorFilter(Filter):
@@ -113,19 +182,13 @@ class MirrorFilter(Filter):
             return CONTINUE
         if not self._matches(call):
             return CONTINUE
-        capture = _Capture(self.max_body_bytes)
-        call.request_observers.append(lambda c, chunk: _keep(capture, chunk, True))
+        capture = _Capture(self)
+        call.request_observers.append(capture.on_request_chunk)
         if self.capture_response:
-            call.response_observers.append(lambda c, chunk: _keep(capture, chunk, False))
-        call.completion_hooks.append(lambda c, done: self._submit(c, done, capture))
+            call.response_observers.append(capture.on_response_chunk)
+        call.completion_hooks.append(capture.on_complete)
         call.filter_state["mirror"] = capture
         return CONTINUE
-
-    async def on_response(self, call: Call, response: Response) -> None:
-        capture = call.filter_state.get("mirror")
-        if capture is not None and self.capture_response:
-            capture.response_headers = [(k, v) for k, v in response.headers]
-            capture.response_headers.insert(0, (b":status", str(response.status).encode()))
 
     def _matches(self, call: Call) -> bool:
         if self.service is not None and call.authority != self.service and not call.path.startswith(f"/{self.service}/"):
@@ -139,63 +202,10 @@ class MirrorFilter(Filter):
                 return False
         return True
 
-    def _submit(self, call: Call, done: Completion, capture: _Capture) -> None:
-        sink = mirror.current()
-        if sink is None:
-            return
-        meta: dict[str, Any] = {
-            "id": os.urandom(12).hex(),
-            "start": capture.started,
-            "end": time.time(),
-            "listener": call.listener,
-            "direction": call.direction,
-            "protocol": call.protocol.value,
-            "service": call.authority,
-            "method": call.method,
-            "path": call.path,
-            "scheme": call.scheme,
-            "route": call.route.name if call.route is not None else None,
-            "cluster": call.cluster,
-            "upstream": done.upstream or None,
-            "status": done.status,
-            "grpc_status": done.grpc_status or None,
-            "reason": done.reason or None,
-            "duration_ms": round(done.duration * 1000, 3),
-            "request_id": call.request_id,
-            "request_headers": self._headers(call.headers),
-            "request_truncated": capture.request_cut,
-        }
-        for k, v in call.headers:
-            if k == b"traceparent":
-                meta["traceparent"] = v.decode("latin-1")
-        if self.capture_response:
-            meta["response_headers"] = self._headers(capture.response_headers or [])
-            meta["response_trailers"] = self._headers(done.trailers) if done.trailers else None
-            meta["response_truncated"] = capture.response_cut
-        sink.submit(mirror.Record(meta, capture.request, capture.response))
-
-    def _headers(self, headers: Headers) -> list[list[str]]:
+    def redacted(self, headers: Headers) -> Headers:
+        """A copy with the values of redacted names replaced (the pairs stay bytes: encode packs them as is)."""
         redact = self.redact
-        return [
-            [k.decode("latin-1"), REDACTED if k in redact else v.decode("latin-1")] for k, v in headers
-        ]
-
-
-def _keep(capture: _Capture, chunk: bytes, request: bool) -> None:
-    if request:
-        room = capture.limit - capture.request_size
-        if len(chunk) > room:
-            chunk = chunk[: max(room, 0)]
-            capture.request_cut = True
-        capture.request.append(chunk)
-        capture.request_size += len(chunk)
-    else:
-        room = capture.limit - capture.response_size
-        if len(chunk) > room:
-            chunk = chunk[: max(room, 0)]
-            capture.response_cut = True
-        capture.response.append(chunk)
-        capture.response_size += len(chunk)
+        return [kv if kv[0] not in redact else (kv[0], REDACTED) for kv in headers]
 
 
 def _text(raw: Any) -> str:
