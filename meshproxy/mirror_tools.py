@@ -10,10 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from meshproxy.mirror import Record, read_segment, read_spool, segments
+from meshproxy.mirror import Record, decode_meta, read_segment, read_spool, segments
 
 # Bytes of each body shown (as text if it decodes, else hex).
 PREVIEW = 48
+# --follow: how often a spool is looked at again; how long one queue read waits.
+FOLLOW_POLL = 0.5
+FOLLOW_BLOCK_MS = 1000
 
 
 def summary(record: Record) -> dict[str, Any]:
@@ -37,60 +40,129 @@ def _body(data: bytes) -> dict[str, Any]:
 SOURCES = "a spool directory, redis://HOST:PORT[/DB]#STREAM or nats://HOST:PORT#SUBJECT"
 
 
-def read_records(source: str) -> Iterator[Record]:
-    """Every record of a source, oldest first (ValueError for a source that is none of SOURCES)."""
+def read_records(source: str, follow: bool = False) -> Iterator[Record]:
+    """Every record of a source, oldest first; with `follow`, then each new one as it arrives.
+
+    ValueError for a source that is none of SOURCES.
+    """
     if source.startswith("redis://"):
-        return _from_redis(source)
+        return _from_redis(source, follow)
     if source.startswith("nats://"):
-        return iter(_from_nats(source))
+        return _from_nats(source, follow)
     directory = Path(source)
     if not directory.is_dir():
         raise ValueError(f"{source}: not {SOURCES}")
-    return read_spool(directory)
+    return _from_spool(directory) if follow else read_spool(directory)
 
 
-def _from_redis(source: str) -> Iterator[Record]:
+def _from_spool(directory: Path) -> Iterator[Record]:
+    seen: dict[Path, int] = {}  # records already given per segment
+    while True:
+        live = segments(directory)
+        for path in live:
+            done = seen.get(path, 0)
+            for i, record in enumerate(read_segment(path)):
+                if i >= done:
+                    seen[path] = i + 1
+                    yield record
+        for path in set(seen) - set(live):  # deleted by retention
+            del seen[path]
+        time.sleep(FOLLOW_POLL)
+
+
+def _from_redis(source: str, follow: bool) -> Iterator[Record]:
+    import redis
+
+    try:
+        yield from _redis_entries(source, follow)
+    except redis.RedisError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _redis_entries(source: str, follow: bool) -> Iterator[Record]:
     import redis
 
     url, _, stream = source.partition("#")
-    client = redis.Redis.from_url(url, socket_timeout=5.0)
-    start = "-"
+    stream = stream or "meshproxy-mirror"
+    # The blocking read below waits up to FOLLOW_BLOCK_MS: the socket must wait longer.
+    client = redis.Redis.from_url(url, socket_timeout=5.0 + FOLLOW_BLOCK_MS / 1000)
+    start, last = "-", "0-0"
     while True:
-        entries = client.xrange(stream or "meshproxy-mirror", min=start, count=1000)
+        entries = client.xrange(stream, min=start, count=1000)
         for entry_id, fields in entries:
-            meta = json.loads(fields[b"meta"])
-            yield Record(meta, fields.get(b"request", b""), fields.get(b"response", b""))
-            start = "(" + entry_id.decode()
+            yield _redis_record(fields)
+            last = entry_id.decode()
+            start = "(" + last
         if len(entries) < 1000:
-            return
+            break
+    while follow:
+        for _, entries in client.xread({stream: last}, count=1000, block=FOLLOW_BLOCK_MS) or ():
+            for entry_id, fields in entries:
+                yield _redis_record(fields)
+                last = entry_id.decode()
 
 
-def _from_nats(source: str) -> list[Record]:
+def _redis_record(fields: dict[bytes, bytes]) -> Record:
+    return Record(decode_meta(fields[b"meta"]), fields.get(b"request", b""), fields.get(b"response", b""))
+
+
+def _from_nats(source: str, follow: bool) -> Iterator[Record]:
+    """The stream's messages through an ordered consumer from the first one.
+
+    nats-py is asyncio: it runs on a thread of its own and hands records over
+    through a bounded queue, so a slow reader of this iterator slows the fetch.
+    """
     import asyncio
+    import queue
+    import threading
 
     import nats
 
     url, _, subject = source.partition("#")
     subject = subject or "meshproxy.mirror"
+    handoff: queue.Queue[Record | BaseException | None] = queue.Queue(maxsize=1000)
+    stop = threading.Event()
 
-    async def fetch() -> list[Record]:
+    async def fetch() -> None:
         nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
         try:
             js = nc.jetstream(timeout=5)
             stream = await js.find_stream_name_by_subject(subject)
-            info = await js.stream_info(stream)
-            out = []
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            pending = (await js.stream_info(stream)).state.messages
+            sub = await js.subscribe(subject, ordered_consumer=True)
+            while not stop.is_set() and (follow or pending > 0):
                 try:
-                    msg = await js.get_msg(stream, seq)
-                except nats.js.errors.NotFoundError:
+                    msg = await sub.next_msg(timeout=FOLLOW_BLOCK_MS / 1000)
+                except nats.errors.TimeoutError:
+                    if not follow:  # nothing more within the wait: the backlog is done
+                        return
                     continue
-                out.extend(_decode_blob(msg.data or b""))
-            return out
+                pending -= 1
+                for record in _decode_blob(msg.data or b""):
+                    while not stop.is_set():
+                        try:
+                            handoff.put(record, timeout=0.5)
+                            break
+                        except queue.Full:
+                            await asyncio.sleep(0)
         finally:
             await nc.close()
 
-    return asyncio.run(fetch())
+    def run() -> None:
+        try:
+            asyncio.run(fetch())
+            handoff.put(None)
+        except BaseException as e:  # handed to the reader, raised there
+            handoff.put(e)
+
+    threading.Thread(target=run, name="mirror-tail-nats", daemon=True).start()
+    try:
+        while (item := handoff.get()) is not None:
+            if isinstance(item, BaseException):
+                raise ValueError(f"{source}: {item or type(item).__name__}") from item
+            yield item
+    finally:
+        stop.set()
 
 
 def _decode_blob(blob: bytes) -> list[Record]:
@@ -117,26 +189,11 @@ def tail(source: str, follow: bool, protocol: str | None, path_prefix: str | Non
             and (not listener or m.get("listener") == listener)
         )
 
-    directory = Path(source)
     try:
-        if not directory.is_dir():  # a queue: what it holds now
-            for record in read_records(source):
-                if wanted(record.meta):
-                    print(json.dumps(summary(record), ensure_ascii=False), flush=True)
-            return 0
-        seen: dict[Path, int] = {}  # records already printed per segment
-        while True:
-            for path in segments(directory):
-                done = seen.get(path, 0)
-                for i, record in enumerate(read_segment(path)):
-                    if i < done:
-                        continue
-                    seen[path] = i + 1
-                    if wanted(record.meta):
-                        print(json.dumps(summary(record), ensure_ascii=False), flush=True)
-            if not follow:
-                return 0
-            time.sleep(0.5)
+        for record in read_records(source, follow):
+            if wanted(record.meta):
+                print(json.dumps(summary(record), ensure_ascii=False), flush=True)
+        return 0
     except ValueError as e:
         print(f"meshproxy mirror tail: {e}", file=sys.stderr)
         return 2
