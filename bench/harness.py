@@ -7,6 +7,7 @@ output, and stops everything it started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -32,14 +33,16 @@ LOAD_CPU = 1  # the origin and h2load
 
 SIZES = {"small": 100, "16k": 16 * 1024}
 
-TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "meshproxy-mirror-redis", "naive", "nginx",
-           "haproxy"]
+TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "meshproxy-mirror-redis",
+           "meshproxy-mirror-stalled", "naive", "nginx", "haproxy"]
 DESCRIPTIONS = {
     "direct": "h2load -> origin (no proxy)",
     "meshproxy": "meshproxy, metrics on, access log off",
     "meshproxy-log": "meshproxy, metrics on, access log on (file)",
     "meshproxy-mirror": "meshproxy, metrics on, mirror filter at 100% (request + response, 64 KiB) to the file sink",
     "meshproxy-mirror-redis": "meshproxy, metrics on, mirror filter at 100% to Redis Streams (redis-server on CPU 1)",
+    "meshproxy-mirror-stalled": "meshproxy, metrics on, mirror filter at 100% to a Redis that is stopped (SIGSTOP) "
+                                "once the proxy is up: the queue fills, then records drop",
     "naive": "naive trio + h2 forwarder (bench/naive_forwarder.py)",
     "nginx": "nginx grpc_pass, 1 worker, keepalive upstream",
     "haproxy": "haproxy proto h2 both sides, nbthread 1",
@@ -346,6 +349,8 @@ class Bench:
             self.services.remove(svc)
         if svc.proc.poll() is not None:
             return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(svc.proc.pid, signal.SIGCONT)  # a stalled (stopped) peer must see the SIGTERM
         for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             try:
                 os.killpg(svc.proc.pid, sig)
@@ -438,7 +443,7 @@ class Bench:
             sink = None
             if target == "meshproxy-mirror":
                 sink = f"{{type: file, directory: {d / 'mirror'}, fsync: interval, retention_bytes: 512MiB}}"
-            elif target == "meshproxy-mirror-redis":
+            elif target in ("meshproxy-mirror-redis", "meshproxy-mirror-stalled"):
                 redis_port = free_port()
                 redis = self.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                                              "--save", "", "--appendonly", "no"], redis_port, LOAD_CPU)
@@ -448,6 +453,9 @@ class Bench:
             svc = self.start(target, meshproxy_argv(conf), port, PROXY_CPU, admin=admin)
             self.wait_ready(svc)
             self.wait_tcp(svc)
+            if target == "meshproxy-mirror-stalled":
+                # Stalled, not dead: connections stay open and every write waits for its timeout.
+                os.killpg(redis.proc.pid, signal.SIGSTOP)
             return svc
         if target == "naive":
             argv = [sys.executable, str(HERE / "naive_forwarder.py"),

@@ -187,6 +187,16 @@ def ratios(results: dict) -> dict:
                 r[f"latency_{p}"] = m["latency_us"][p] / bres["latency_us"][p]
         if r:
             out[f"meshproxy/{base}"] = r
+    # What mirroring costs: each mirror target against plain meshproxy in the same run.
+    for t in ("meshproxy-mirror", "meshproxy-mirror-redis", "meshproxy-mirror-stalled"):
+        tres = results.get(t, {})
+        r = {f"rps_{size}": tres[size]["rps"] / m[size]["rps"]
+             for size in h.SIZES if tres.get(size, {}).get("rps") and m.get(size, {}).get("rps")}
+        for p in ("p50", "p99"):
+            if "latency_us" in m and "latency_us" in tres:
+                r[f"latency_{p}"] = tres["latency_us"][p] / m["latency_us"][p]
+        if r:
+            out[f"{t}/meshproxy"] = r
     return out
 
 
@@ -195,7 +205,7 @@ def fmt(v, spec: str, none: str = "-") -> str:
 
 
 def print_table(results: dict, rat: dict) -> None:
-    head = (f"{'target':15s} {'req/s small':>12s} {'req/s 16k':>11s} {'p50 µs':>8s} {'p99 µs':>8s}"
+    head = (f"{'target':25s} {'req/s small':>12s} {'req/s 16k':>11s} {'p50 µs':>8s} {'p99 µs':>8s}"
             f" {'proxy CPU µs/req small':>23s} {'proxy CPU% small':>17s}")
     print("\n" + head)
     print("-" * len(head))
@@ -203,7 +213,7 @@ def print_table(results: dict, rat: dict) -> None:
         lat = r.get("latency_us", {})
         small = r.get("small", {})
         util = small.get("proxy_cpu_util")
-        print(f"{t:15s} {fmt(small.get('rps'), '12,.0f'):>12s} {fmt(r.get('16k', {}).get('rps'), '11,.0f'):>11s}"
+        print(f"{t:25s} {fmt(small.get('rps'), '12,.0f'):>12s} {fmt(r.get('16k', {}).get('rps'), '11,.0f'):>11s}"
               f" {fmt(lat.get('p50'), '8d'):>8s} {fmt(lat.get('p99'), '8d'):>8s}"
               f" {fmt(small.get('proxy_cpu_us_per_req'), '23.1f'):>23s}"
               f" {fmt(None if util is None else util * 100, '17.0f'):>17s}"
@@ -213,7 +223,7 @@ def print_table(results: dict, rat: dict) -> None:
               " latency: lower is better)")
         for name, r in rat.items():
             parts = [f"{k} {v:.2f}x" for k, v in r.items()]
-            print(f"  {name:18s} " + ", ".join(parts))
+            print(f"  {name:34s} " + ", ".join(parts))
 
 
 def versions() -> dict:
