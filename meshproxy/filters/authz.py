@@ -273,6 +273,11 @@ def _header_name(raw: Any) -> bytes:
 # -- the filter ------------------------------------------------------------------
 
 DENIED = Respond(status=403, message="permission denied", grpc_status=status.PERMISSION_DENIED, reason="authz_denied")
+# Decisions remembered, by what the rules look at (most traffic repeats a few
+# callers x methods). Cleared when full: callers that vary what is looked at on
+# every call (random paths) cost the full evaluation, and no memory.
+DECISION_CACHE_SIZE = 8192
+SERVICE_CACHE_SIZE = 1024
 
 
 class AuthzFilter(Filter):
@@ -292,16 +297,19 @@ class AuthzFilter(Filter):
         self.unit_header = unit_header
         self.metrics: Metrics | None = None
         self._log = RateLimitedLog(log, log_interval)
-        # What the rules look at, so a call computes only that, once.
+        # What the rules look at, so a call computes only that.
         self._need_principal = any(r.principals is not None for r in rules)
         self._need_unit = any(r.source_units is not None for r in rules)
         self._need_service = any(r.services is not None for r in rules)
         self._need_method = any(r.methods is not None for r in rules)
         self._header_names = frozenset(name for r in rules for name, _ in r.headers)
-        # Per rule (and the default, last): the decision object and its access-log value, built once.
+        # Per rule (and the default, last): the decision and its access-log value, built once.
         names = [(r.name, r.action) for r in rules] + [(DEFAULT_RULE, default)]
         self._decisions = tuple(Decision(n, a, dry_run) for n, a in names)
         self._log_values = tuple({"rule": n, "action": a, "dry_run": dry_run} for n, a in names)
+        self._counters: dict[str, tuple[Any, ...]] = {}  # listener -> a counter child per decision
+        self._cache: dict[tuple[Any, ...], int] = {}
+        self._services: dict[str, str] = {}
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> AuthzFilter:
@@ -319,17 +327,45 @@ class AuthzFilter(Filter):
 
     def match(self, call: Call) -> int:
         """The index of the first rule that matches `call`; len(rules) for none (the default)."""
+        return self._decide(call, call.principal or call.peer.identity)
+
+    def _decide(self, call: Call, principal: str | None) -> int:
+        # The key holds exactly what the rules look at (the method and the
+        # service derive from path, protocol, method and authority).
+        unit = headers = None
+        if self._need_unit or self._header_names:
+            unit, headers = self._scan(call)
+        key = (
+            call.path,
+            call.protocol,
+            principal if self._need_principal else None,
+            call.authority if self._need_service else None,
+            call.method if self._need_method else None,
+            unit,
+            headers,
+        )
+        i = self._cache.get(key)
+        if i is None:
+            i = self._evaluate(call, principal, unit, headers)
+            if len(self._cache) >= DECISION_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = i
+        return i
+
+    def _evaluate(
+        self, call: Call, principal: str | None, unit: str | None, headers: tuple[tuple[bytes, bytes], ...] | None
+    ) -> int:
         path = call.path
-        principal = (call.principal or call.peer.identity) if self._need_principal else None
-        unit = self._unit(call) if self._need_unit else None
         authority = service = ""
         if self._need_service:
             authority = call.authority
-            service = destination_service(authority)
+            service = self._service(authority)
         method = ""
         if self._need_method:
             method = call.method if call.protocol is Protocol.HTTP2 else path.rpartition("/")[2]
-        values = self._header_values(call) if self._header_names else None
+        values: dict[bytes, list[bytes]] = {}
+        for k, v in headers or ():
+            values.setdefault(k, []).append(v)
         i = 0
         for rule in self.rules:
             if (
@@ -346,16 +382,16 @@ class AuthzFilter(Filter):
         return i
 
     async def on_request(self, call: Call) -> Continue | Respond:
-        i = self.match(call)
+        principal = call.principal or call.peer.identity
+        i = self._decide(call, principal)
         decision = self._decisions[i]
         call.filter_state["authz"] = decision
         call.log_field("authz", self._log_values[i])
-        principal = call.principal or call.peer.identity
         if principal is not None:
             call.log_field("principal", principal)
-        m = self.metrics
-        if m is not None:
-            m.child(m.authz_decisions, call.listener, decision.rule, decision.action, "true" if self.dry_run else "false").inc()
+        if self.metrics is not None:
+            counters = self._counters.get(call.listener) or self._counters_for(call.listener)
+            counters[i].inc()
         if decision.action == "allow":
             return CONTINUE
         if self.dry_run:
@@ -370,37 +406,47 @@ class AuthzFilter(Filter):
         )
         return DENIED
 
-    def _unit(self, call: Call) -> str | None:
-        verdict = call.filter_state.get("ticket")
-        unit = getattr(verdict, "unit", None)
-        if unit:
-            return str(unit)  # signed: wins over a header anyone can set
-        name = self.unit_header
-        for k, v in call.headers:
-            if k == name:
-                return v.decode("utf-8", "replace")
-        return None
+    def _counters_for(self, listener: str) -> tuple[Any, ...]:
+        m = self.metrics
+        assert m is not None
+        dry_run = "true" if self.dry_run else "false"
+        counters = tuple(m.child(m.authz_decisions, listener, d.rule, d.action, dry_run) for d in self._decisions)
+        self._counters[listener] = counters
+        return counters
 
-    def _header_values(self, call: Call) -> dict[bytes, list[bytes]]:
+    def _service(self, authority: str) -> str:
+        service = self._services.get(authority)
+        if service is None:
+            if len(self._services) >= SERVICE_CACHE_SIZE:
+                self._services.clear()
+            service = self._services[authority] = destination_service(authority)
+        return service
+
+    def _scan(self, call: Call) -> tuple[str | None, tuple[tuple[bytes, bytes], ...] | None]:
+        """One pass over the headers: the source unit, and the (name, value) pairs of the
+        headers the rules name, in order (None when there are none)."""
+        verdict = call.filter_state.get("ticket")
+        unit = getattr(verdict, "unit", None) if verdict is not None else None  # signed: wins over a header
+        unit_name = self.unit_header if self._need_unit and not unit else None
         names = self._header_names
-        # HTTP/2 names arrive lower-case; Thrift metadata keys are whatever the client wrote.
+        # HTTP/2 names arrive lower-case; Thrift metadata keys as the client wrote them.
         lower = call.protocol is Protocol.THRIFT
-        out: dict[bytes, list[bytes]] = {}
+        pairs: list[tuple[bytes, bytes]] | None = None
         for k, v in call.headers:
             if lower:
                 k = k.lower()
+            if k == unit_name:
+                unit = v.decode("utf-8", "replace")
+                unit_name = None  # the first one counts
             if k in names:
-                got = out.get(k)
-                if got is None:
-                    out[k] = [v]
+                if pairs is None:
+                    pairs = [(k, v)]
                 else:
-                    got.append(v)
-        return out
+                    pairs.append((k, v))
+        return unit, tuple(pairs) if pairs is not None else None
 
 
-def _headers_match(wanted: tuple[tuple[bytes, Patterns], ...], values: dict[bytes, list[bytes]] | None) -> bool:
-    if values is None:
-        return False
+def _headers_match(wanted: tuple[tuple[bytes, Patterns], ...], values: dict[bytes, list[bytes]]) -> bool:
     for name, patterns in wanted:
         got = values.get(name)
         if got is None or not any(patterns.match(v) for v in got):
