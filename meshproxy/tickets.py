@@ -229,7 +229,11 @@ class _Good:
 
 
 class TicketVerifier:
-    """Verifies tickets for one destination: only `algorithm`, only `audiences`."""
+    """Verifies tickets for one destination: only `algorithm`, only `audiences`.
+
+    `key` is one key, or a list of them while a key is rotated: a ticket is
+    good if any of them verifies its signature (tried in order, so put the
+    current key first)."""
 
     def __init__(
         self,
@@ -243,7 +247,9 @@ class TicketVerifier:
         if not audiences:
             raise ValueError("a verifier needs at least one audience")
         self.algorithm = algorithm
-        self.key = key
+        self.keys: tuple[Any, ...] = tuple(key) if isinstance(key, list | tuple) else (key,)
+        if not self.keys:
+            raise ValueError("a verifier needs at least one key")
         self.audiences = audiences
         self.leeway = leeway
         self._algorithms = [algorithm]  # the one configured; never "none", never the token's choice
@@ -262,9 +268,7 @@ class TicketVerifier:
         if not token or len(token) > MAX_TICKET_BYTES:
             return Verdict(INVALID, detail="empty" if not token else "too long")
         try:
-            claims = jwt.decode(
-                token, self.key, algorithms=self._algorithms, audience=self._audience, options=_DECODE_OPTIONS
-            )
+            claims = self._decode(token)
         except jwt.InvalidAlgorithmError:
             return Verdict(INVALID, detail="algorithm not allowed")
         except jwt.InvalidSignatureError:
@@ -277,6 +281,19 @@ class TicketVerifier:
             # DecodeError and the rest: not base64, not JSON, not three parts, bad header.
             return Verdict(INVALID, detail="malformed")
         return self._check(token, claims, now)
+
+    def _decode(self, token: bytes) -> dict[str, Any]:
+        last = len(self.keys) - 1
+        for i, key in enumerate(self.keys):
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token, key, algorithms=self._algorithms, audience=self._audience, options=_DECODE_OPTIONS
+                )
+                return claims
+            except jwt.InvalidSignatureError:
+                if i == last:
+                    raise
+        raise AssertionError("unreachable")  # every key raised or returned
 
     def _check(self, token: bytes, claims: dict[str, Any], now: float) -> Verdict:
         sub, iss, iat, exp = claims["sub"], claims["iss"], claims["iat"], claims["exp"]

@@ -221,3 +221,25 @@ def test_a_private_key_file_verifies_too(keys: dict[str, Path]) -> None:
 
 def test_secret_file_loses_its_final_newline(keys: dict[str, Path]) -> None:
     assert tickets.load_secret(str(keys["secret"])) == keys["secret"].read_bytes().rstrip(b"\n")
+
+
+def test_several_keys_while_rotating(keys: dict[str, Path]) -> None:
+    new = tickets.load_signing_key("EdDSA", str(keys["ed_key"]))
+    old = tickets.load_signing_key("EdDSA", str(keys["other_ed_key"]))
+    stranger = tickets.load_signing_key("EdDSA", str(ed25519_key_file(keys)))
+    verifier = TicketVerifier("EdDSA", [new.public_key(), old.public_key()], ("api",))
+    for key in (new, old):
+        assert verifier.verify(TicketIssuer("EdDSA", key, "a", 60).token("api", T0).encode(), T0).ok
+    assert verifier.verify(TicketIssuer("EdDSA", stranger, "a", 60).token("api", T0).encode(), T0).detail == "bad signature"
+    # A good signature with the second key still has its audience checked.
+    assert verifier.verify(TicketIssuer("EdDSA", old, "a", 60).token("web", T0).encode(), T0).detail == "wrong audience"
+
+
+def ed25519_key_file(keys: dict[str, Path]) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path = keys["ed_key"].parent / "stranger.pem"
+    path.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return path

@@ -14,7 +14,7 @@
     - name: ticket
       mode: verify
       algorithm: EdDSA
-      key: /etc/mesh/ticket-pub.pem    # the public key (a private key file works too)
+      key: /etc/mesh/ticket-pub.pem    # the public key (a private key file works too); a list while rotating
       # audience: [api.comment]        # default: node.service
       leeway: 5s                       # clock skew allowed on iat and exp
       on_expired: deny                 # deny | allow | dry_run, per failure class
@@ -113,7 +113,18 @@ def _key_options(o: Options, options: dict[str, Any], algorithm: str, verify: bo
 
     if name not in options:
         raise FilterOptionError(name, f"required for {algorithm} (a file path)")
+    if verify:
+        # A list while a key is rotated: a ticket is good if any of them verifies it.
+        return o.get(name, lambda raw: [load(_text(p)) for p in _paths(raw)], None)
     return o.get(name, lambda raw: load(_text(raw)), None)
+
+
+def _paths(raw: Any) -> list[Any]:
+    if isinstance(raw, list):
+        if not raw:
+            raise ValueError("expected a file path or a non-empty list of them")
+        return raw
+    return [raw]
 
 
 class TicketFilter(Filter):

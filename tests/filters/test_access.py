@@ -462,3 +462,33 @@ clusters:
         f"{path}: listeners[0].routes[0].filters[0].rules[0].principals[0]: bad pattern 'a?': '*' is the only "
         "wildcard ('?' is not allowed)",
     ]
+
+
+async def test_the_decision_cache_is_bounded_and_keyed_by_what_rules_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshproxy.filters import authz as authz_module
+
+    monkeypatch.setattr(authz_module, "DECISION_CACHE_SIZE", 4)
+    f, _ = authz([
+        {"name": "a", "action": "allow", "principals": ["p*"], "headers": {"x-t": "1"}},
+        {"name": "b", "action": "allow", "source_units": ["u9"]},
+    ])
+    for i in range(20):
+        # Same path every time: principal, header and unit decide, and the cache must tell them apart.
+        principal = f"p{i}" if i % 2 else f"q{i}"
+        call = with_principal(principal, headers=[(b"x-t", b"1"), (b"x-mesh-unit", b"u9" if i % 3 == 0 else b"u1")])
+        await f.on_request(call)
+        expected = "a" if i % 2 else ("b" if i % 3 == 0 else "default")
+        assert call.filter_state["authz"].rule == expected, i
+        assert len(f._cache) <= 4
+
+
+async def test_verify_takes_a_list_of_keys_while_rotating(keys: dict[str, Path]) -> None:
+    ctx, _ = context()
+    f = built("ticket", ctx, mode="verify", algorithm="EdDSA", key=[str(keys["other_ed_key"]), str(keys["ed_pub"])])
+    assert await f.on_request(make_call(headers=[(b"x-mesh-ticket", token(keys, "ok") or b"")])) is CONTINUE  # type: ignore[attr-defined]
+    with pytest.raises(FilterOptionError) as info:
+        built("ticket", mode="verify", algorithm="EdDSA", key=[str(keys["ed_pub"]), "/no/such.pem"])
+    assert (info.value.key, info.value.message) == ("key", "cannot read '/no/such.pem': No such file or directory")
+    with pytest.raises(FilterOptionError) as info:
+        built("ticket", mode="issue", algorithm="EdDSA", key=[str(keys["ed_key"])])
+    assert info.value.key == "key"
