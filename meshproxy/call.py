@@ -107,7 +107,8 @@ class Peer:
     """Who is on the other side of the downstream connection."""
 
     address: str  # "127.0.0.1:5555" or "unix:/path"; never used as a metric label
-    identity: str | None = None  # mTLS identity (SPIFFE id), once TLS lands
+    identity: str | None = None  # from the peer's certificate: SPIFFE URI SAN, else DNS SAN, else CN
+    security: str = "plaintext"  # plaintext | tls | mutual_tls | shm
 
 
 ChunkObserver = Callable[["Call", bytes], None]

@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("demo", help="run the proxy with an example backend and make a few calls")
+    certs = sub.add_parser("dev-certs", help="write a throwaway CA and SPIFFE server/client certificates (dev only)")
+    certs.add_argument("directory")
+    certs.add_argument("--server", default="server", help="the server's service name (its SPIFFE id's last part)")
+    certs.add_argument("--client", default="client", help="the client's service name")
     mirror = sub.add_parser("mirror", help="read mirrored calls").add_subparsers(dest="mirror_command", required=True)
     tail = mirror.add_parser("tail", help="print the records of a spool directory, one JSON per line")
     tail.add_argument("source", help="a spool directory, redis://HOST:PORT[/DB]#STREAM or nats://HOST:PORT#SUBJECT")
@@ -57,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         from meshproxy.demo import run_demo
 
         return run_demo()
+    if args.command == "dev-certs":
+        from meshproxy import devcerts
+
+        return devcerts.main(args.directory, args.server, args.client)
     if args.command == "mirror":
         from meshproxy import mirror_tools
 

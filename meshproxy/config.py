@@ -158,6 +158,35 @@ class ThriftListener:
     write_timeout: float = 30.0
 
 
+TLS_LISTENER_MODES = ("disable", "permissive", "strict")
+TLS_CLUSTER_MODES = ("disable", "simple", "mutual")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """strict: TLS only; permissive: TLS or plaintext on one port (told apart by the first bytes)."""
+
+    mode: str = "disable"
+    cert: str = ""  # PEM chain, then the key; relative paths are from the config file's directory
+    key: str = ""
+    ca: str = ""  # set: clients must present a certificate this bundle verifies (mutual TLS)
+    min_version: str = "1.2"
+    handshake_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTls:
+    mode: str = "disable"  # simple: verify the server; mutual: and present our certificate
+    cert: str = ""
+    key: str = ""
+    ca: str = ""  # "" = the system's trust store
+    server_name: str = ""  # SNI and the name verified; "" = the endpoint's host
+    peer_identities: tuple[str, ...] = ()  # instead of the name: the server's SPIFFE id / DNS SAN / CN
+    min_version: str = "1.2"
+    handshake_timeout: float = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     name: str
@@ -168,6 +197,7 @@ class Listener:
     routes: tuple[Route, ...] = ()
     http2: Http2Listener = Http2Listener()
     thrift: ThriftListener = ThriftListener()
+    tls: ListenerTls = ListenerTls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +239,7 @@ class Cluster:
     connect_timeout: float = 1.0
     http2: Http2Cluster = Http2Cluster()
     thrift: ThriftCluster = ThriftCluster()
+    tls: ClusterTls = ClusterTls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,7 +600,7 @@ class _Parsed:
 def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
     m = r.mapping(
         raw,
-        ("name", "direction", "address", "protocol", "filters", "routes", "http2", "thrift"),
+        ("name", "direction", "address", "protocol", "filters", "routes", "http2", "thrift", "tls"),
         required=("name", "direction", "address"),
     )
     name = r.value(m, "name", _string, f"listener{index}")
@@ -591,6 +622,15 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
         with r.at("http2"):
             http2 = _limits(r, m["http2"], Http2Listener)
     thrift = _protocol_section(r, m, protocol, ThriftListener)
+    tls = ListenerTls()
+    if "tls" in m:
+        with r.at("tls"):
+            try:
+                tls = _listener_tls(r, m["tls"], protocol)
+            except _Invalid:
+                pass
+        if tls.mode != "disable" and address.kind != "tcp":
+            r.problem(f"TLS is for TCP listeners, not {address.kind} ones", "tls")
     listener = Listener(
         name,
         direction,
@@ -600,6 +640,7 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
         tuple(x for _, x in routes),
         http2,
         thrift,
+        tls,
     )
     return _Parsed(listener, tuple(i for i, _ in routes), tuple(i for i, _ in filters))
 
@@ -607,7 +648,7 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
 def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
     m = r.mapping(
         raw,
-        ("name", "protocol", "endpoints", "lb", "connect_timeout", "http2", "thrift"),
+        ("name", "protocol", "endpoints", "lb", "connect_timeout", "http2", "thrift", "tls"),
         required=("name", "endpoints"),
     )
     name = r.value(m, "name", _string, f"cluster{index}")
@@ -627,7 +668,102 @@ def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
         with r.at("http2"):
             http2 = _limits(r, m["http2"], Http2Cluster)
     thrift = _protocol_section(r, m, protocol, ThriftCluster)
-    return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift)
+    tls = ClusterTls()
+    if "tls" in m:
+        with r.at("tls"):
+            try:
+                tls = _cluster_tls(r, m["tls"], protocol)
+            except _Invalid:
+                pass
+    return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift, tls)
+
+
+def _tls_file(r: _Reader) -> Callable[[object], str]:
+    """A certificate/key path: relative ones are from the config file's directory."""
+
+    def parse(raw: object) -> str:
+        path = os.path.join(os.path.dirname(r.source), _string(raw))
+        if not os.path.isfile(path):
+            raise ValueError(f"cannot read {path}: no such file")
+        return path
+
+    return parse
+
+
+def _listener_tls(r: _Reader, raw: object, protocol: str) -> ListenerTls:
+    m = r.mapping(raw, ("mode", "cert", "key", "ca", "min_version", "handshake_timeout"), required=("mode",))
+    mode = r.value(m, "mode", _one_of(TLS_LISTENER_MODES), "disable")
+    if mode == "disable":
+        return ListenerTls()
+    for key in ("cert", "key"):
+        if key not in m:
+            r.problem(f"required for mode {mode}", key)
+    tls = ListenerTls(
+        mode,
+        r.value(m, "cert", _tls_file(r), ""),
+        r.value(m, "key", _tls_file(r), ""),
+        r.value(m, "ca", _tls_file(r), ""),
+        r.value(m, "min_version", _tls_version, "1.2"),
+        r.value(m, "handshake_timeout", _positive_duration, 5.0),
+    )
+    if tls.cert and tls.key:
+        from meshproxy import tls as tls_runtime
+
+        try:
+            tls_runtime.server_context(tls.cert, tls.key, tls.ca, tls.min_version, alpn_for(protocol))
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            r.problem(str(e))
+    return tls
+
+
+def _cluster_tls(r: _Reader, raw: object, protocol: str) -> ClusterTls:
+    m = r.mapping(raw, ("mode", "cert", "key", "ca", "server_name", "peer_identities", "min_version",
+                        "handshake_timeout"), required=("mode",))
+    mode = r.value(m, "mode", _one_of(TLS_CLUSTER_MODES), "disable")
+    if mode == "disable":
+        return ClusterTls()
+    if mode == "mutual":
+        for key in ("cert", "key"):
+            if key not in m:
+                r.problem("required for mode mutual", key)
+    elif "cert" in m or "key" in m:
+        r.problem("a client certificate is only sent in mode mutual", "cert" if "cert" in m else "key")
+    tls = ClusterTls(
+        mode,
+        r.value(m, "cert", _tls_file(r), ""),
+        r.value(m, "key", _tls_file(r), ""),
+        r.value(m, "ca", _tls_file(r), ""),
+        r.value(m, "server_name", _string, ""),
+        r.value(m, "peer_identities", _string_tuple, ()),
+        r.value(m, "min_version", _tls_version, "1.2"),
+        r.value(m, "handshake_timeout", _positive_duration, 5.0),
+    )
+    if mode == "simple" or (tls.cert and tls.key):
+        from meshproxy import tls as tls_runtime
+
+        try:
+            tls_runtime.client_context(tls.mode, tls.cert, tls.key, tls.ca, tls.min_version, alpn_for(protocol))
+        except (OSError, ValueError) as e:
+            r.problem(str(e))
+    return tls
+
+
+def alpn_for(protocol: str) -> tuple[str, ...]:
+    """ALPN names offered and accepted: h2 for HTTP/2 (RFC 9113 3.2); Thrift has none."""
+    return ("h2",) if protocol == "http2" else ()
+
+
+def _tls_version(raw: object) -> str:
+    value = str(raw) if isinstance(raw, int | float | str) and not isinstance(raw, bool) else raw
+    if value not in TLS_VERSIONS:
+        raise ValueError(f"expected one of {', '.join(TLS_VERSIONS)}, got {raw!r}")
+    return str(value)
+
+
+def _string_tuple(raw: object) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) and x for x in raw):
+        raise ValueError("expected a non-empty list of strings")
+    return tuple(raw)
 
 
 def _protocol_section(r: _Reader, m: dict[str, Any], protocol: str, cls: type[T]) -> T:

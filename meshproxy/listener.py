@@ -15,13 +15,15 @@ import stat
 
 import trio
 
-from meshproxy import shm
+from meshproxy import shm, tls
 from meshproxy.codec import thrift
 from meshproxy.config import Listener as ListenerConfig
 from meshproxy.config import Shm as ShmConfig
+from meshproxy.config import alpn_for
 from meshproxy.drivers.h2 import ServerLink
 from meshproxy.drivers.thrift import ServerConnection
 from meshproxy.drivers.transport import Transport
+from meshproxy.filters.ratelog import RateLimitedLog
 from meshproxy.metrics import Metrics
 from meshproxy.proxy import HttpProxy, ListenerState
 from meshproxy.thrift_proxy import ThriftProxy
@@ -83,6 +85,16 @@ class ListenerRuntime:
         self._sock: socket.socket | None = None
         self._accepting = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self.tls = _server_tls(config)
+        # A scanner or a misconfigured client retries fast: a few lines a minute, with counts.
+        self._tls_log = RateLimitedLog(log)
+
+    def _reload_tls(self, config: ListenerConfig) -> None:
+        # Certificates are read again on every reload (rotated files take effect).
+        try:
+            self.tls = _server_tls(config)
+        except (OSError, ValueError) as e:  # the files changed since the config was checked
+            log.error("listener %s: TLS files not reloaded, the previous ones stay: %s", config.name, e)
 
     def __repr__(self) -> str:
         return f"<Listener {self.config.name} {self.bound} connections={len(self.links)}>"
@@ -91,6 +103,7 @@ class ListenerRuntime:
         """New calls use the new state; calls in flight keep the one they began with."""
         self.config = config
         self.proxy.state = state
+        self._reload_tls(config)
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         sock = self._sock = bind(self.config, self.shm_options)
@@ -141,6 +154,11 @@ class ListenerRuntime:
             if c.address.kind == "shm":
                 channel = shm.accept(sock, self.shm_options.ring_size)
                 transport = shm.ShmTransport(channel, write_timeout, shm.peer_of(sock, c.address.path))
+            elif self.tls is not None:
+                secured = await self._secure(sock, write_timeout)
+                if secured is None:
+                    return
+                transport = secured
             else:
                 transport = Transport(sock, write_timeout)
         except OSError as e:
@@ -148,6 +166,7 @@ class ListenerRuntime:
                 log.warning("listener %s: shm handshake failed: %s", name, e)
             sock.close()
             return
+        m.child(m.downstream_connections_security, name, transport.security).inc()
         errors = m.downstream_protocol_errors
         link: ServerLink | ServerConnection
         if isinstance(self.proxy, ThriftProxy):
@@ -191,6 +210,38 @@ class ListenerRuntime:
             self.links.discard(link)
             transport.close()
 
+    async def _secure(self, sock: socket.socket, write_timeout: float) -> Transport | None:
+        """TLS (or, in permissive mode, plaintext) for a new connection; None if it was refused or failed."""
+        c, m = self.config, self.metrics
+        server = self.tls
+        assert server is not None
+        result = m.tls_handshakes
+        try:
+            is_tls = await tls.looks_like_tls(sock, c.tls.handshake_timeout)
+        except (trio.TooSlowError, OSError):
+            m.child(result, "downstream", c.name, "timeout").inc()
+            sock.close()
+            return None
+        if not is_tls:
+            if c.tls.mode == "permissive":
+                return Transport(sock, write_timeout)
+            m.child(result, "downstream", c.name, "plaintext_refused").inc()
+            self._tls_log.log(logging.WARNING, "plaintext", "listener %s: refused a plaintext connection from %s "
+                              "(tls mode strict)", c.name, _peer_name(sock))
+            await _refuse_plaintext(sock, c.protocol)
+            return None
+        try:
+            transport = await tls.handshake(sock, server.context, server_side=True, timeout=c.tls.handshake_timeout,
+                                            write_timeout=write_timeout)
+        except tls.TlsError as e:
+            m.child(result, "downstream", c.name, "failed").inc()
+            self._tls_log.log(logging.WARNING, ("handshake", str(e)), "listener %s: TLS handshake from %s failed: %s",
+                              c.name, _peer_name(sock), e)
+            sock.close()
+            return None
+        m.child(result, "downstream", c.name, "ok").inc()
+        return transport
+
     def stop_accepting(self) -> None:
         self._accepting.cancel()
 
@@ -203,3 +254,62 @@ class ListenerRuntime:
                     nursery.start_soon(link.close_gracefully, "draining", timeout)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+
+def _server_tls(config: ListenerConfig) -> tls.ServerTls | None:
+    t = config.tls
+    if t.mode == "disable":
+        return None
+    return tls.server_context(t.cert, t.key, t.ca, t.min_version, alpn_for(config.protocol))
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, ValueError):
+        return "-"
+
+
+# RFC 9113 section 3.4's preface, then SETTINGS (empty) and GOAWAY(0, INADEQUATE_SECURITY):
+# a plaintext HTTP/2 client is told why, instead of seeing a bare close.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_REFUSAL_DEBUG = b"this listener requires TLS"
+_H2_REFUSAL = (
+    b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    + (8 + len(_REFUSAL_DEBUG)).to_bytes(3, "big") + b"\x07\x00\x00\x00\x00\x00"
+    + b"\x00\x00\x00\x00" + (0x0C).to_bytes(4, "big") + _REFUSAL_DEBUG
+)
+
+
+async def _refuse_plaintext(sock: socket.socket, protocol: str) -> None:
+    try:
+        if protocol == "http2":
+            with trio.move_on_after(0.5):
+                head = b""
+                while len(head) < len(_H2_PREFACE) and _H2_PREFACE.startswith(head):
+                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        data = sock.recv(len(_H2_PREFACE) - len(head))
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        break
+                    head += data
+                if head == _H2_PREFACE:
+                    sock.send(_H2_REFUSAL)
+        # Closing with unread bytes would send a reset that can overtake the
+        # GOAWAY: half-close, and read what the client still sends (bounded).
+        sock.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(0.5):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    if not sock.recv(65536):
+                        break
+                except BlockingIOError:
+                    continue
+    except OSError:
+        pass
+    finally:
+        sock.close()

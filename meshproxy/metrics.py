@@ -85,6 +85,8 @@ class Metrics:
     # the config, results and actions from fixed sets, so the label sets are bounded.
     authz_decisions: Counter
     ticket_verifications: Counter
+    tls_handshakes: Counter
+    downstream_connections_security: Counter
     # prometheus_client's .labels() hashes and validates on every call; the
     # label sets are bounded, so the children are cached here.
     _children: dict[Any, Any]
@@ -182,6 +184,15 @@ class Metrics:
                 "meshproxy_ticket_verifications", "Service tickets verified, by result "
                 "(ok|expired|invalid|missing) and the action taken (allow|deny|dry_run)",
                 ("listener", "result", "action"), registry=r,
+            ),
+            tls_handshakes=Counter(
+                "meshproxy_tls_handshakes", "TLS handshakes by side (downstream: a listener's, upstream: a "
+                "cluster's), target (the listener or cluster) and result (ok, failed, timeout, plaintext_refused)",
+                ("side", "target", "result"), registry=r,
+            ),
+            downstream_connections_security=Counter(
+                "meshproxy_downstream_connections_security", "Downstream connections by how they are "
+                "protected: mutual_tls, tls, plaintext or shm", ("listener", "security"), registry=r,
             ),
             _children={},
         )

@@ -19,7 +19,7 @@ from h2.errors import ErrorCodes
 
 from meshproxy import status
 from meshproxy.accesslog import AccessLog
-from meshproxy.call import Body, Call, ChunkObserver, Completion, Headers, Peer, Protocol, Response
+from meshproxy.call import Body, Call, ChunkObserver, Completion, Headers, Protocol, Response
 from meshproxy.codec import grpc
 from meshproxy.config import Listener as ListenerConfig
 from meshproxy.drivers.h2 import ServerLink, Stream, StreamReset
@@ -142,7 +142,7 @@ class HttpProxy:
         call = Call(
             id=self._ids,
             protocol=Protocol.GRPC if is_grpc else Protocol.HTTP2,
-            peer=Peer(link.transport.peer),
+            peer=link.peer,
             listener=name,
             direction=state.config.direction,
             authority=authority.decode("latin-1"),
@@ -465,6 +465,8 @@ class HttpProxy:
                 "request_id": call.request_id,
                 "traceparent": traceparent,
                 "peer": call.peer.address,
+                "security": call.peer.security,
+                "peer_identity": call.peer.identity,
                 **(call.log_fields or {}),  # what filters added (the authz decision, ...)
             })
 

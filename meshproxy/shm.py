@@ -376,6 +376,9 @@ class ShmTransport:
 
     __slots__ = ("_backlog", "_backlog_bytes", "_drained", "channel", "closed_reason", "high_water",
                  "on_backlog", "peer", "write_timeout")
+    # A local app on the same host: no certificate, and nothing on a wire to protect.
+    identity = None
+    security = "shm"
 
     def __init__(self, channel: Channel, write_timeout: float, peer: str, high_water: int = 1 << 20) -> None:
         self.channel = channel

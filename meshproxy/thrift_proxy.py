@@ -360,6 +360,8 @@ class ThriftProxy:
                 "bytes_out": bytes_out,
                 "request_id": call.request_id,
                 "peer": call.peer.address,
+                "security": call.peer.security,
+                "peer_identity": call.peer.identity,
                 **(call.log_fields or {}),  # what filters added (the authz decision, ...)
             })
 

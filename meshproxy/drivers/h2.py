@@ -23,6 +23,7 @@ import trio
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from meshproxy.call import Peer
 from meshproxy.codec.h2 import (
     ProxyH2Connection,
     initial_settings,
@@ -557,6 +558,8 @@ class ServerLink(H2Link):
         self.max_concurrent_streams = max_concurrent_streams
         self._nursery: trio.Nursery | None = None
         self._report = on_protocol_error
+        # The same for every call on the connection: made once.
+        self.peer = Peer(transport.peer, transport.identity, transport.security)
 
     async def serve(self) -> None:
         self.flush()  # our preface SETTINGS

@@ -181,7 +181,7 @@ class ServerConnection(_Connection):
         self._timers: list[tuple[float, Slot]] = []
         self._timer_scope = trio.CancelScope()
         self.end_reason = ""
-        self.peer = Peer(transport.peer)
+        self.peer = Peer(transport.peer, transport.identity, transport.security)
         self.nursery: trio.Nursery | None = None
         self._reading = trio.CancelScope()
         self._finish_timeout = idle_timeout

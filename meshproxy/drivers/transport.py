@@ -37,8 +37,10 @@ class Transport:
         "_reads",
         "closed_reason",
         "high_water",
+        "identity",
         "on_backlog",
         "peer",
+        "security",
         "sock",
         "write_timeout",
     )
@@ -58,6 +60,9 @@ class Transport:
         self._closed = False
         self._reads = 0
         self.closed_reason = ""
+        # Who the peer is and how it is protected (a TLS transport sets these).
+        self.identity: str | None = None
+        self.security = "plaintext"
         try:
             name = sock.getpeername()
             self.peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else f"unix:{name or '-'}"

@@ -6,6 +6,8 @@ another. Must not: know routes or filters.
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
 from meshproxy.config import Cluster as ClusterConfig
@@ -13,8 +15,10 @@ from meshproxy.drivers.h2 import ClientLink, Stream
 from meshproxy.errors import UpstreamUnavailable
 from meshproxy.metrics import Metrics
 from meshproxy.upstream import lb
-from meshproxy.upstream.pool import ConnectFailed, EndpointPool
+from meshproxy.upstream.pool import ConnectFailed, EndpointPool, client_tls
 from meshproxy.upstream.thrift_cluster import ThriftCluster
+
+log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -23,8 +27,9 @@ class Cluster:
     def __init__(self, config: ClusterConfig, nursery: trio.Nursery, metrics: Metrics) -> None:
         self.config = config
         self.name = config.name
+        tls_config = client_tls(config)
         self.pools = [
-            EndpointPool(config.name, a, config.http2, config.connect_timeout, nursery, metrics)
+            EndpointPool(config.name, a, config.http2, config.connect_timeout, nursery, metrics, tls_config)
             for a in config.endpoints
         ]
         self._lb = lb.make(config.lb)
@@ -87,6 +92,7 @@ class ClusterManager:
             old = self.clusters.get(c.name)
             if old is not None and old.config == c:
                 new[c.name] = old
+                _reload_tls(old)
             elif c.protocol == "thrift":
                 new[c.name] = ThriftCluster(c, self._nursery, self._metrics)
             else:
@@ -94,3 +100,16 @@ class ClusterManager:
         retired = [c for name, c in self.clusters.items() if new.get(name) is not c]
         self.clusters = new
         return new, retired
+
+
+def _reload_tls(cluster: AnyCluster) -> None:
+    """Certificates are read again on every reload (rotated files take effect for new connections)."""
+    if cluster.config.tls.mode == "disable":
+        return
+    try:
+        tls_config = client_tls(cluster.config)
+    except (OSError, ValueError) as e:  # the files changed since the config was checked
+        log.error("cluster %s: TLS files not reloaded, the previous ones stay: %s", cluster.name, e)
+        return
+    for pool in cluster.pools:
+        pool.tls = tls_config

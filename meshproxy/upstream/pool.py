@@ -11,7 +11,9 @@ import logging
 
 import trio
 
-from meshproxy.config import Http2Cluster
+from meshproxy import tls
+from meshproxy.config import Cluster as ClusterConfig
+from meshproxy.config import Http2Cluster, alpn_for
 from meshproxy.drivers.h2 import ClientLink
 from meshproxy.drivers.transport import Transport, connect
 from meshproxy.errors import UpstreamOverflow
@@ -40,8 +42,10 @@ class EndpointPool:
         connect_timeout: float,
         nursery: trio.Nursery,
         metrics: Metrics,
+        client_tls: tls.ClientTls | None = None,
     ) -> None:
         self.cluster = cluster
+        self.tls = client_tls  # replaced on reload: new connections use the re-read certificates
         self.address = address
         self.name = str(address)
         self.options = options
@@ -110,10 +114,10 @@ class EndpointPool:
         self._connecting += 1
         child = self._metrics.child
         try:
-            a = self.address
-            sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
-        except (OSError, trio.TooSlowError) as e:
-            reason = "connect timeout" if isinstance(e, trio.TooSlowError) else (e.strerror or str(e))
+            transport = await dial(self.address, self.connect_timeout, self.options.write_timeout, self.tls,
+                                   self._metrics, self.cluster)
+        except (OSError, trio.TooSlowError, tls.TlsError) as e:
+            reason = failure_reason(e)
             self._failed(reason)
             child(self._metrics.upstream_connect_failures, self.cluster).inc()
             raise ConnectFailed(f"{self.name}: {reason}") from None
@@ -123,7 +127,7 @@ class EndpointPool:
         self.retry_after = 0.0
         o = self.options
         link = ClientLink(
-            Transport(sock, o.write_timeout),
+            transport,
             endpoint=self.name,
             max_header_list_size=o.max_header_list_size,
             stream_window=o.stream_window,
@@ -161,3 +165,39 @@ class EndpointPool:
         async with trio.open_nursery() as nursery:
             for link in list(self.links):
                 nursery.start_soon(link.close_gracefully, "cluster removed", timeout)
+
+
+async def dial(address: Address, connect_timeout: float, write_timeout: float, client_tls: tls.ClientTls | None,
+               metrics: Metrics, cluster: str) -> Transport:
+    """A connected transport to an endpoint, TLS if the cluster wants it.
+
+    Raises OSError or trio.TooSlowError (connect), tls.TlsError (handshake).
+    """
+    a = address
+    sock = await connect(a.kind, a.host, a.port, a.path, connect_timeout)
+    if client_tls is None:
+        return Transport(sock, write_timeout)
+    try:
+        transport = await tls.connect_upstream(sock, client_tls, a.host, write_timeout)
+    except tls.TlsError as e:
+        sock.close()
+        metrics.child(metrics.tls_handshakes, "upstream", cluster, "failed").inc()
+        raise tls.TlsError(f"TLS: {e}") from None
+    metrics.child(metrics.tls_handshakes, "upstream", cluster, "ok").inc()
+    return transport
+
+
+def failure_reason(e: BaseException) -> str:
+    if isinstance(e, trio.TooSlowError):
+        return "connect timeout"
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e)
+
+
+def client_tls(config: ClusterConfig) -> tls.ClientTls | None:
+    t = config.tls
+    if t.mode == "disable":
+        return None
+    return tls.client_context(t.mode, t.cert, t.key, t.ca, t.min_version, alpn_for(config.protocol), t.server_name,
+                              t.peer_identities, t.handshake_timeout)

@@ -18,22 +18,31 @@ import logging
 
 import trio
 
+from meshproxy import tls
 from meshproxy.codec import thrift
 from meshproxy.config import Cluster as ClusterConfig
 from meshproxy.drivers.thrift import UpstreamConnection, flush_writes
-from meshproxy.drivers.transport import Transport, connect
 from meshproxy.errors import UpstreamOverflow, UpstreamUnavailable
 from meshproxy.metrics import Metrics
 from meshproxy.upstream import lb
-from meshproxy.upstream.pool import FAILURE_BACKOFF, FAILURE_BACKOFF_MAX, ConnectFailed
+from meshproxy.upstream.pool import (
+    FAILURE_BACKOFF,
+    FAILURE_BACKOFF_MAX,
+    ConnectFailed,
+    client_tls,
+    dial,
+    failure_reason,
+)
 from meshproxy.values import Address
 
 log = logging.getLogger(__name__)
 
 
 class ThriftEndpointPool:
-    def __init__(self, cluster: ClusterConfig, address: Address, nursery: trio.Nursery, metrics: Metrics) -> None:
+    def __init__(self, cluster: ClusterConfig, address: Address, nursery: trio.Nursery, metrics: Metrics,
+                 client_tls: tls.ClientTls | None = None) -> None:
         self.cluster = cluster.name
+        self.tls = client_tls  # replaced on reload: new connections use the re-read certificates
         self.options = cluster.thrift
         self.connect_timeout = cluster.connect_timeout
         self.address = address
@@ -115,10 +124,10 @@ class ThriftEndpointPool:
         self._connecting[transport] = self._connecting.get(transport, 0) + 1
         m = self._metrics
         try:
-            a = self.address
-            sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
-        except (OSError, trio.TooSlowError) as e:
-            reason = "connect timeout" if isinstance(e, trio.TooSlowError) else (e.strerror or str(e))
+            sock = await dial(self.address, self.connect_timeout, self.options.write_timeout, self.tls,
+                              self._metrics, self.cluster)
+        except (OSError, trio.TooSlowError, tls.TlsError) as e:
+            reason = failure_reason(e)
             self._failed(reason)
             m.child(m.upstream_connect_failures, self.cluster).inc()
             raise ConnectFailed(f"{self.name}: {reason}") from None
@@ -128,7 +137,7 @@ class ThriftEndpointPool:
         self.retry_after = 0.0
         o = self.options
         link = UpstreamConnection(
-            Transport(sock, o.write_timeout),
+            sock,
             thrift.Reader(transport, None, o.max_frame_size, o.max_header_size),
             endpoint=self.name,
             max_requests=o.max_requests_per_connection,
@@ -173,7 +182,8 @@ class ThriftCluster:
         self.config = config
         self.name = config.name
         self.options = config.thrift
-        self.pools = [ThriftEndpointPool(config, a, nursery, metrics) for a in config.endpoints]
+        tls_config = client_tls(config)
+        self.pools = [ThriftEndpointPool(config, a, nursery, metrics, tls_config) for a in config.endpoints]
         self._lb = lb.make(config.lb)
         self._active = metrics.child(metrics.upstream_streams_active, config.name)
 
