@@ -410,6 +410,8 @@ class HttpProxy:
             body = message.encode("utf-8") + b"\n"
             headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
             status_out = status
+            if call.method == "HEAD":  # RFC 9110 9.3.2: the headers of a GET, no content
+                body = b""
         headers += extra or ()
         if chain is not None:
             response = Response(status_out, headers, stream)

@@ -83,13 +83,16 @@ async def test_local_replies_no_route_and_upstream_down(tmp_path):
         client = await H2Client.connect(harness.listen_port(app))
         status, _, body, _ = await client.get("/elsewhere")
         assert status == 404 and b"no route" in body
+        # HEAD: the same headers, no content (h2 rejects a body here as a length error).
+        status, headers, body, _ = await client.get("/elsewhere", method="HEAD")
+        assert status == 404 and body == b"" and dict(headers)[b"content-length"] == b"%d" % len(b"no route for /elsewhere\n")
         status, _, body, _ = await client.get("/api/x")
         assert status == 503 and b"no reachable endpoint" in body
         # gRPC clients get trailers-only replies with grpc-status.
         status, headers, _, _ = await client.get("/pkg.Svc/M", method="POST", extra=[(b"content-type", b"application/grpc")])
         assert status == 200 and dict(headers)[b"grpc-status"] == b"12"
         assert b"no route" in dict(headers)[b"grpc-message"]
-        await harness.eventually(lambda: harness.metric(app, "meshproxy_local_replies_total", listener="test", reason="no_route") == 2)
+        await harness.eventually(lambda: harness.metric(app, "meshproxy_local_replies_total", listener="test", reason="no_route") == 3)
         assert harness.metric(app, "meshproxy_upstream_connect_failures_total", destination_service="backend") >= 1
         nursery.cancel_scope.cancel()
 
