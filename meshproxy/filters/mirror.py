@@ -25,7 +25,8 @@ from meshproxy import mirror
 from meshproxy.call import Call, Completion, Headers, header_value
 from meshproxy.filters.base import CONTINUE, Continue, Filter, FilterOptionError, Options
 
-DEFAULT_REDACT = ("authorization", "cookie", "set-cookie", "proxy-authorization", "x-ticket", "tt.acl_token")
+DEFAULT_REDACT = ("authorization", "cookie", "set-cookie", "proxy-authorization", "x-ticket", "x-mesh-ticket",
+                  "tt.acl_token")
 REDACTED = b"<redacted>"
 
 
