@@ -14,6 +14,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,8 @@ import h2.config
 import h2.connection
 import h2.events
 
+from meshproxy import devcerts
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -34,7 +37,8 @@ LOAD_CPU = 1  # the origin and h2load
 SIZES = {"small": 100, "16k": 16 * 1024}
 
 TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "meshproxy-mirror-redis",
-           "meshproxy-mirror-stalled", "naive", "nginx", "haproxy"]
+           "meshproxy-mirror-stalled", "meshproxy-authz", "naive", "nginx", "haproxy",
+           "direct-tls", "meshproxy-tls", "nginx-tls"]
 DESCRIPTIONS = {
     "direct": "h2load -> origin (no proxy)",
     "meshproxy": "meshproxy, metrics on, access log off",
@@ -43,7 +47,12 @@ DESCRIPTIONS = {
     "meshproxy-mirror-redis": "meshproxy, metrics on, mirror filter at 100% to Redis Streams (redis-server on CPU 1)",
     "meshproxy-mirror-stalled": "meshproxy, metrics on, mirror filter at 100% to a Redis that is stopped (SIGSTOP) "
                                 "once the proxy is up: the queue fills, then records drop",
+    "meshproxy-authz": "meshproxy, metrics on, authz filter with 50 rules, the last one matching",
     "naive": "naive trio + h2 forwarder (bench/naive_forwarder.py)",
+    "direct-tls": "h2load -> origin over TLS (no proxy)",
+    "meshproxy-tls": "meshproxy, TLS from h2load (TLS 1.3; h2load sends no client certificate), "
+                     "mutual TLS to the origin",
+    "nginx-tls": "nginx grpc_pass, TLS from h2load, mutual TLS to the origin (grpcs, keepalive upstream)",
     "nginx": "nginx grpc_pass, 1 worker, keepalive upstream",
     "haproxy": "haproxy proto h2 both sides, nbthread 1",
 }
@@ -181,7 +190,8 @@ def temp_paths(d: Path, name: str) -> str:
     )
 
 
-def origin_conf(d: Path, port: int) -> str:
+def origin_conf(d: Path, port: int, tls_port: int) -> str:
+    c = d / "certs"
     return nginx_common(d, "origin") + f"""http {{
   access_log off;
   default_type application/octet-stream;
@@ -193,6 +203,18 @@ def origin_conf(d: Path, port: int) -> str:
   http2_max_concurrent_streams 1024;
   server {{
     listen 127.0.0.1:{port} http2;
+    root {d}/www;
+    location = /small {{ }}
+    location = /16k {{ }}
+    location / {{ return 404; }}
+  }}
+  server {{
+    listen 127.0.0.1:{tls_port} ssl http2;
+    ssl_certificate {c}/server.pem;
+    ssl_certificate_key {c}/server-key.pem;
+    ssl_client_certificate {c}/ca.pem;
+    ssl_verify_client optional;     # the proxies present one (mutual TLS); h2load (direct-tls) cannot
+    ssl_protocols TLSv1.2 TLSv1.3;
     root {d}/www;
     location = /small {{ }}
     location = /16k {{ }}
@@ -223,6 +245,38 @@ def nginx_proxy_conf(d: Path, port: int, origin: int) -> str:
 """
 
 
+def nginx_tls_proxy_conf(d: Path, port: int, origin_tls: int) -> str:
+    c = d / "certs"
+    return nginx_common(d, "nginx") + f"""http {{
+  access_log off;
+{temp_paths(d, "nginx")}  tcp_nodelay on;
+  keepalive_requests 100000000;
+  keepalive_timeout 600s;
+  http2_max_concurrent_streams 128;
+  upstream origin {{
+    server 127.0.0.1:{origin_tls};
+    keepalive 1024;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+  }}
+  server {{
+    listen 127.0.0.1:{port} ssl http2;
+    ssl_certificate {c}/server.pem;
+    ssl_certificate_key {c}/server-key.pem;
+    location / {{
+      grpc_pass grpcs://origin;
+      grpc_ssl_certificate {c}/client.pem;
+      grpc_ssl_certificate_key {c}/client-key.pem;
+      grpc_ssl_trusted_certificate {c}/ca.pem;
+      grpc_ssl_verify on;
+      grpc_ssl_name localhost;       # nginx checks DNS names, not IP SANs
+      grpc_ssl_session_reuse on;
+    }}
+  }}
+}}
+"""
+
+
 def haproxy_conf(d: Path, port: int, origin: int) -> str:
     return f"""global
   nbthread 1
@@ -246,11 +300,25 @@ backend be
 """
 
 
-def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None, mirror: str | None = None) -> str:
+def authz_rules(n: int) -> str:
+    """n rules; only the last one matches the bench's calls (the worst case for first-match)."""
+    rules = [f"          - {{name: r{i}, action: allow, principals: [\"spiffe://mesh/ns/other/sa/s{i}\"], "
+             f"paths: [\"/svc{i}/\"]}}\n" for i in range(n - 1)]
+    rules.append("          - {name: bench, action: allow, paths: [/small, /16k]}\n")
+    return "    filters:\n      - name: authz\n        default: deny\n        rules:\n" + "".join(rules)
+
+
+def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None, mirror: str | None = None,
+                   tls_dir: Path | None = None, filters: str = "") -> str:
     log = f"{{enabled: true, path: {access_log}}}" if access_log else "{enabled: false}"
     mirror_top = f"mirror: {{sink: {mirror}, queue_size: 20000}}\n" if mirror else ""
-    filters = ("    filters:\n      - {name: mirror, sample: 1.0, max_body_bytes: 65536, capture_response: true}\n"
-               if mirror else "")
+    filters = filters or ("    filters:\n      - {name: mirror, sample: 1.0, max_body_bytes: 65536, "
+                          "capture_response: true}\n" if mirror else "")
+    listener_tls = cluster_tls = ""
+    if tls_dir is not None:
+        listener_tls = f"    tls: {{mode: strict, cert: {tls_dir}/server.pem, key: {tls_dir}/server-key.pem}}\n"
+        cluster_tls = (f"    tls: {{mode: mutual, cert: {tls_dir}/client.pem, key: {tls_dir}/client-key.pem, "
+                       f"ca: {tls_dir}/ca.pem}}\n")
     return f"""node: {{service: bench, unit: u1}}
 admin: {{address: 127.0.0.1:{admin}}}
 access_log: {log}
@@ -259,7 +327,7 @@ access_log: {log}
     direction: egress
     address: 127.0.0.1:{port}
     protocol: http2
-{filters}    routes:
+{listener_tls}{filters}    routes:
       - match: {{prefix: /}}
         cluster: origin
         timeout: 30s
@@ -267,7 +335,7 @@ clusters:
   - name: origin
     protocol: http2
     endpoints: ["127.0.0.1:{origin}"]
-"""
+{cluster_tls}"""
 
 
 def meshproxy_argv(conf: Path) -> list[str]:
@@ -281,8 +349,10 @@ def meshproxy_argv(conf: Path) -> list[str]:
 
 class Service:
     def __init__(self, name: str, proc: subprocess.Popen, port: int, log: Path,
-                 admin: int | None = None) -> None:
+                 admin: int | None = None, scheme: str = "http") -> None:
         self.name, self.proc, self.port, self.log, self.admin = name, proc, port, log, admin
+        self.scheme = scheme
+        self.tls_port = 0  # the origin's TLS port
 
     @property
     def pid(self) -> int:
@@ -312,6 +382,7 @@ class Bench:
         for name, size in SIZES.items():
             (www / name).write_bytes(body(size))
         www.chmod(0o755)
+        self.certs = devcerts.write(self.dir / "certs", server="origin", client="bench")
 
     # context manager: always clean up, also on Ctrl-C
     def __enter__(self) -> Bench:
@@ -407,11 +478,12 @@ class Bench:
     # ---------------------------------------------------------------- the services
 
     def start_origin(self) -> Service:
-        port = free_port()
+        port, tls_port = free_port(), free_port()
         conf = self.dir / "origin.conf"
-        conf.write_text(origin_conf(self.dir, port))
+        conf.write_text(origin_conf(self.dir, port, tls_port))
         svc = self.start("origin", ["nginx", "-c", str(conf), "-e", str(self.dir / "origin.stderr.log")],
                          port, LOAD_CPU)
+        svc.tls_port = tls_port
         self.wait_tcp(svc)
         return svc
 
@@ -434,6 +506,8 @@ class Bench:
         """Start one target (None for direct) and wait until it is ready."""
         if target == "direct":
             return None
+        if target == "direct-tls":
+            return Service("direct-tls", origin.proc, origin.tls_port, origin.log, scheme="https")
         port = free_port()
         d = self.dir
         if target.startswith("meshproxy"):
@@ -449,8 +523,13 @@ class Bench:
                                              "--save", "", "--appendonly", "no"], redis_port, LOAD_CPU)
                 self.wait_tcp(redis)
                 sink = f"{{type: redis, url: 'redis://127.0.0.1:{redis_port}', max_length: 100000}}"
-            conf.write_text(meshproxy_conf(port, admin, origin.port, log, sink))
+            tls_dir = self.dir / "certs" if target == "meshproxy-tls" else None
+            upstream = origin.tls_port if tls_dir else origin.port
+            filters = authz_rules(50) if target == "meshproxy-authz" else ""
+            conf.write_text(meshproxy_conf(port, admin, upstream, log, sink, tls_dir, filters))
             svc = self.start(target, meshproxy_argv(conf), port, PROXY_CPU, admin=admin)
+            if tls_dir:
+                svc.scheme = "https"
             self.wait_ready(svc)
             self.wait_tcp(svc)
             if target == "meshproxy-mirror-stalled":
@@ -460,9 +539,10 @@ class Bench:
         if target == "naive":
             argv = [sys.executable, str(HERE / "naive_forwarder.py"),
                     "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{origin.port}"]
-        elif target == "nginx":
+        elif target in ("nginx", "nginx-tls"):
             conf = d / "nginx.conf"
-            conf.write_text(nginx_proxy_conf(d, port, origin.port))
+            conf.write_text(nginx_tls_proxy_conf(d, port, origin.tls_port) if target == "nginx-tls"
+                            else nginx_proxy_conf(d, port, origin.port))
             argv = ["nginx", "-c", str(conf), "-e", str(d / "nginx.stderr.log")]
         elif target == "haproxy":
             conf = d / "haproxy.cfg"
@@ -471,21 +551,28 @@ class Bench:
         else:
             raise ValueError(f"unknown target {target!r}")
         svc = self.start(target, argv, port, PROXY_CPU)
+        if target == "nginx-tls":
+            svc.scheme = "https"
         self.wait_tcp(svc)
         return svc
 
 
 # --------------------------------------------------------------------------- checks & h2load
 
-def fetch(port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    """One GET over h2c (prior knowledge) with h2: (status, body)."""
+def fetch(port: int, path: str, timeout: float = 10.0, ca: Path | None = None) -> tuple[int, bytes]:
+    """One GET over h2c (prior knowledge), or h2 over TLS when `ca` is given: (status, body)."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     sid = conn.get_next_available_stream_id()
     conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"),
                             (":authority", f"127.0.0.1:{port}"), (":path", path)], end_stream=True)
     status, data = 0, bytearray()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=timeout))
+        if ca is not None:
+            ctx = ssl.create_default_context(cafile=str(ca))
+            ctx.set_alpn_protocols(["h2"])
+            s = stack.enter_context(ctx.wrap_socket(s, server_hostname="127.0.0.1"))
         s.sendall(conn.data_to_send())
         done = False
         while not done:
@@ -504,11 +591,11 @@ def fetch(port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
     return status, bytes(data)
 
 
-def check_bodies(port: int) -> list[str]:
+def check_bodies(port: int, ca: Path | None = None) -> list[str]:
     problems = []
     for name, size in SIZES.items():
         try:
-            status, got = fetch(port, "/" + name)
+            status, got = fetch(port, "/" + name, ca=ca)
         except Exception as e:
             problems.append(f"GET /{name}: {e!r}")
             continue

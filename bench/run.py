@@ -91,8 +91,9 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
         res["error"] = f"did not start: {e}"
         return res
     port = svc.port if svc else origin.port
-    pid = svc.pid if svc else None
-    base = f"http://127.0.0.1:{port}"
+    pid = svc.pid if svc and svc.proc is not origin.proc else None
+    scheme = svc.scheme if svc else "http"
+    base = f"{scheme}://127.0.0.1:{port}"
 
     def alive(what: str) -> bool:
         if svc is not None and not svc.alive():
@@ -102,7 +103,7 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
         return True
 
     try:
-        bad = h.check_bodies(port)
+        bad = h.check_bodies(port, b.certs["ca"] if scheme == "https" else None)
         problems.add(target, "body check", bad)
         if bad or not alive("body check"):
             res.setdefault("error", "body check failed")
@@ -167,7 +168,7 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
         problems.add(target, "h2load", [f"timed out: {e}"])
         res["error"] = "h2load timed out"
     finally:
-        if svc is not None:
+        if svc is not None and svc.proc is not origin.proc:
             b.stop(svc)
         res["seconds"] = round(time.monotonic() - t_start, 1)
     return res
@@ -187,16 +188,18 @@ def ratios(results: dict) -> dict:
                 r[f"latency_{p}"] = m["latency_us"][p] / bres["latency_us"][p]
         if r:
             out[f"meshproxy/{base}"] = r
-    # What mirroring costs: each mirror target against plain meshproxy in the same run.
-    for t in ("meshproxy-mirror", "meshproxy-mirror-redis", "meshproxy-mirror-stalled"):
-        tres = results.get(t, {})
-        r = {f"rps_{size}": tres[size]["rps"] / m[size]["rps"]
-             for size in h.SIZES if tres.get(size, {}).get("rps") and m.get(size, {}).get("rps")}
+    # What a feature costs: each variant against its plain counterpart in the same run.
+    for t, plain in (("meshproxy-mirror", "meshproxy"), ("meshproxy-mirror-redis", "meshproxy"),
+                     ("meshproxy-mirror-stalled", "meshproxy"), ("meshproxy-authz", "meshproxy"),
+                     ("meshproxy-tls", "meshproxy"), ("nginx-tls", "nginx"), ("direct-tls", "direct")):
+        tres, pres = results.get(t, {}), results.get(plain, {})
+        r = {f"rps_{size}": tres[size]["rps"] / pres[size]["rps"]
+             for size in h.SIZES if tres.get(size, {}).get("rps") and pres.get(size, {}).get("rps")}
         for p in ("p50", "p99"):
-            if "latency_us" in m and "latency_us" in tres:
-                r[f"latency_{p}"] = tres["latency_us"][p] / m["latency_us"][p]
+            if "latency_us" in pres and "latency_us" in tres:
+                r[f"latency_{p}"] = tres["latency_us"][p] / pres["latency_us"][p]
         if r:
-            out[f"{t}/meshproxy"] = r
+            out[f"{t}/{plain}"] = r
     return out
 
 
