@@ -32,6 +32,16 @@ VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _PLAIN_CHUNK = 64 * 1024
 
 
+# OpenSSL's reason codes an operator meets most, in words.
+_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client presented no certificate (mutual TLS is required)",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate (mutual TLS)",
+    "UNSUPPORTED_PROTOCOL": "the peer's TLS version is below this side's min_version",
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS",
+    "NO_SHARED_CIPHER": "no cipher suite in common",
+}
+
+
 class TlsError(Exception):
     """A handshake that failed; the message says why (for the log line)."""
 
@@ -259,7 +269,7 @@ async def handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bo
         raise TlsError(f"certificate verify failed: {e.verify_message or e.reason}") from None
     except ssl.SSLError as e:
         await _send_quietly(sock, outgoing.read())
-        raise TlsError(str(e.reason or e)) from None
+        raise TlsError(_REASONS.get(e.reason or "", e.reason or str(e))) from None
     except OSError as e:
         raise TlsError(e.strerror or str(e)) from None
     return TlsTransport(sock, write_timeout, sslobj, incoming, outgoing)
