@@ -392,6 +392,21 @@ def test_cli_check_prints_the_effective_config(name: str) -> None:
     assert dumped["listeners"][0]["http2"]["write_timeout"] == 30.0
 
 
+def test_cli_check_mtls_example(tmp_path: Path) -> None:
+    """conf/ingress-mtls.yaml with certificates from `meshproxy dev-certs`, as its header says."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    shutil.copy("conf/ingress-mtls.yaml", conf)
+    made = run_cli("dev-certs", str(conf / "certs"), "--client", "frontend")
+    assert made.returncode == 0, made.stderr
+    result = run_cli("--check", "--conf", str(conf / "ingress-mtls.yaml"))
+    assert result.returncode == 0, result.stderr
+    tls = json.loads(result.stdout)["listeners"][0]["tls"]
+    assert tls["mode"] == "strict" and tls["ca"] == str(conf / "certs" / "ca.pem")
+
+
 def test_cli_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
