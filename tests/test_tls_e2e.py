@@ -323,6 +323,27 @@ async def test_thrift_over_mutual_tls_both_hops(nursery: trio.Nursery, tmp_path:
                       security="mutual_tls") == 2
 
 
+async def test_thrift_permissive_takes_tls_and_plaintext_on_one_port(
+    nursery: trio.Nursery, tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    from tests.peers.thrift_peer import client
+
+    with ThriftServer("framed", "binary") as backend:
+        app = await start(nursery, tmp_path, proxy_config(listener_tls(certs, "permissive"), f"{HOST}:{backend.port}",
+                                                          "thrift"))
+        port = listen_port(app)
+
+        def plain() -> list[bytes]:
+            with client(port) as c:
+                return [c.echo(b"p%d" % i) for i in range(3)]
+
+        assert await run(thrift_tls_client, port, certs) == [b"t%d" % i for i in range(5)]
+        assert await run(plain) == [b"p%d" % i for i in range(3)]
+        security = "meshproxy_downstream_connections_security_total"
+        assert metric(app, security, listener="test", security="mutual_tls") == 1
+        assert metric(app, security, listener="test", security="plaintext") == 1
+
+
 # -- reload, config ----------------------------------------------------------------------
 
 
