@@ -675,6 +675,9 @@ def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
                 tls = _cluster_tls(r, m["tls"], protocol)
             except _Invalid:
                 pass
+        if (tls.mode != "disable" and not tls.server_name and not tls.peer_identities
+                and any(e.kind == "unix" for e in endpoints)):
+            r.problem("a unix endpoint has no host name to verify: set server_name or peer_identities", "tls")
     return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift, tls)
 
 

@@ -155,6 +155,7 @@ class ListenerRuntime:
                 channel = shm.accept(sock, self.shm_options.ring_size)
                 transport = shm.ShmTransport(channel, write_timeout, shm.peer_of(sock, c.address.path))
             elif self.tls is not None:
+                sock.setblocking(False)  # accept() hands back a blocking socket; the peek and handshake must not block
                 secured = await self._secure(sock, write_timeout)
                 if secured is None:
                     return
@@ -216,29 +217,40 @@ class ListenerRuntime:
         server = self.tls
         assert server is not None
         result = m.tls_handshakes
+        # A permissive port also serves plaintext clients, which may open a
+        # connection and stay quiet (pools): they get the protocol's idle time.
+        idle = c.thrift.idle_timeout if c.protocol == "thrift" else c.http2.idle_timeout
+        peek_timeout = max(idle, c.tls.handshake_timeout) if c.tls.mode == "permissive" else c.tls.handshake_timeout
         try:
-            is_tls = await tls.looks_like_tls(sock, c.tls.handshake_timeout)
-        except (trio.TooSlowError, OSError):
-            m.child(result, "downstream", c.name, "timeout").inc()
+            try:
+                is_tls = await tls.looks_like_tls(sock, peek_timeout)
+            except (trio.TooSlowError, OSError):
+                m.child(result, "downstream", c.name, "timeout").inc()
+                sock.close()
+                return None
+            if is_tls is None:  # closed before a byte (a probe): nothing to count
+                sock.close()
+                return None
+            if not is_tls:
+                if c.tls.mode == "permissive":
+                    return Transport(sock, write_timeout)
+                m.child(result, "downstream", c.name, "plaintext_refused").inc()
+                self._tls_log.log(logging.WARNING, "plaintext", "listener %s: refused a plaintext connection from %s "
+                                  "(tls mode strict)", c.name, _peer_name(sock))
+                await _refuse_plaintext(sock, c.protocol)
+                return None
+            try:
+                transport = await tls.handshake(sock, server.context, server_side=True,
+                                                timeout=c.tls.handshake_timeout, write_timeout=write_timeout)
+            except tls.TlsError as e:
+                m.child(result, "downstream", c.name, "failed").inc()
+                self._tls_log.log(logging.WARNING, ("handshake", str(e)), "listener %s: TLS handshake from %s "
+                                  "failed: %s", c.name, _peer_name(sock), e)
+                sock.close()
+                return None
+        except BaseException:  # cancelled (drain, shutdown) mid-way
             sock.close()
-            return None
-        if not is_tls:
-            if c.tls.mode == "permissive":
-                return Transport(sock, write_timeout)
-            m.child(result, "downstream", c.name, "plaintext_refused").inc()
-            self._tls_log.log(logging.WARNING, "plaintext", "listener %s: refused a plaintext connection from %s "
-                              "(tls mode strict)", c.name, _peer_name(sock))
-            await _refuse_plaintext(sock, c.protocol)
-            return None
-        try:
-            transport = await tls.handshake(sock, server.context, server_side=True, timeout=c.tls.handshake_timeout,
-                                            write_timeout=write_timeout)
-        except tls.TlsError as e:
-            m.child(result, "downstream", c.name, "failed").inc()
-            self._tls_log.log(logging.WARNING, ("handshake", str(e)), "listener %s: TLS handshake from %s failed: %s",
-                              c.name, _peer_name(sock), e)
-            sock.close()
-            return None
+            raise
         m.child(result, "downstream", c.name, "ok").inc()
         return transport
 

@@ -73,6 +73,8 @@ def server_context(cert: str, key: str, ca: str = "", min_version: str = "1.2",
     """A listener's context; TlsConfigError names the file at fault."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = VERSIONS[min_version]
+    # TLS 1.2 renegotiation: a client could make us redo handshakes (CPU) at will.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     _load_chain(ctx, cert, key)
     if ca:
         _load_ca(ctx, ca)
@@ -91,6 +93,8 @@ def client_context(mode: str, cert: str = "", key: str = "", ca: str = "", min_v
     """A cluster's context (mode simple or mutual)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = VERSIONS[min_version]
+    # A server's HelloRequest would make a write need a read, which this transport does not do.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     if ca:
         _load_ca(ctx, ca)
     else:
@@ -125,26 +129,28 @@ def _load_ca(ctx: ssl.SSLContext, ca: str) -> None:
         raise TlsConfigError(f"cannot load CA bundle {ca}: {e.reason or e}") from None
 
 
+def names(cert: dict[str, object] | None) -> list[str]:
+    """Every name a verified certificate holds, in identity order: SPIFFE URI SANs, DNS SANs, CNs."""
+    if not cert:
+        return []
+    sans = cert.get("subjectAltName") or ()
+    out = [str(v) for k, v in sans if k == "URI" and str(v).startswith("spiffe://")]  # type: ignore[attr-defined]
+    out += [str(v) for k, v in sans if k == "DNS"]  # type: ignore[attr-defined]
+    for rdn in cert.get("subject") or ():  # type: ignore[attr-defined]
+        out += [str(v) for k, v in rdn if k == "commonName"]
+    return out
+
+
 def identity(cert: dict[str, object] | None) -> str | None:
     """The peer's identity: its SPIFFE URI SAN, else its first DNS SAN, else its CN."""
-    if not cert:
-        return None
-    sans = cert.get("subjectAltName") or ()
-    for kind, value in sans:  # type: ignore[attr-defined]
-        if kind == "URI" and str(value).startswith("spiffe://"):
-            return str(value)
-    for kind, value in sans:  # type: ignore[attr-defined]
-        if kind == "DNS":
-            return str(value)
-    for rdn in cert.get("subject") or ():  # type: ignore[attr-defined]
-        for name, value in rdn:
-            if name == "commonName":
-                return str(value)
-    return None
+    found = names(cert)
+    return found[0] if found else None
 
 
-async def looks_like_tls(sock: socket.socket, timeout: float) -> bool:
-    """Peek at a new connection's first bytes: a TLS ClientHello or not (plaintext)."""
+async def looks_like_tls(sock: socket.socket, timeout: float) -> bool | None:
+    """Peek at a new connection's first bytes: a TLS ClientHello (True), plaintext (False),
+    or None if the peer closed before sending anything (a health probe, a port scan)."""
+    pause = 0.001
     with trio.fail_after(timeout):
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -152,16 +158,19 @@ async def looks_like_tls(sock: socket.socket, timeout: float) -> bool:
                 head = sock.recv(len(TLS_HANDSHAKE_PREFIX), socket.MSG_PEEK)
             except BlockingIOError:
                 continue
-            if len(head) >= len(TLS_HANDSHAKE_PREFIX) or not head:
+            if not head:
+                return None
+            if head[0] != TLS_HANDSHAKE_PREFIX[0] or len(head) >= len(TLS_HANDSHAKE_PREFIX):
                 return head == TLS_HANDSHAKE_PREFIX
-            # One byte so far: wait for the second (a short pause; the timeout bounds it).
-            await trio.sleep(0.001)
+            # 0x16 alone so far: the second byte decides (readable stays true: poll, backing off).
+            await trio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
 
 class TlsTransport(Transport):
     """A Transport that encrypts what it writes and decrypts what it reads."""
 
-    __slots__ = ("_in", "_out", "_ssl", "alpn")
+    __slots__ = ("_eof", "_in", "_out", "_shut", "_ssl", "alpn")
 
     def __init__(self, sock: socket.socket, write_timeout: float, sslobj: ssl.SSLObject,
                  incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, high_water: int = 1 << 20) -> None:
@@ -169,14 +178,19 @@ class TlsTransport(Transport):
         self._ssl = sslobj
         self._in = incoming
         self._out = outgoing
+        self._eof = False  # the peer's close_notify (or TCP close) was read
+        self._shut = False  # our close_notify is queued: nothing may be written after it
         cert = sslobj.getpeercert()
         self.identity = identity(cert)
         self.alpn = sslobj.selected_alpn_protocol()
         self.security = "mutual_tls" if cert and sslobj.server_side else "tls"
 
+    def peer_certificate(self) -> dict[str, object] | None:
+        return self._ssl.getpeercert()  # type: ignore[return-value]
+
     async def recv(self) -> bytes:
         """The next plaintext; b"" at EOF (close_notify or a TCP close)."""
-        while True:
+        while not self._eof:
             plain = self._decrypt()
             if plain is not None:
                 return plain
@@ -185,6 +199,7 @@ class TlsTransport(Transport):
                 self._in.write(raw)
             else:
                 self._in.write_eof()
+        return b""
 
     def _decrypt(self) -> bytes | None:
         """Plaintext already in the buffers, b"" at EOF, or None when more ciphertext is needed."""
@@ -192,27 +207,27 @@ class TlsTransport(Transport):
         try:
             while True:
                 data = self._ssl.read(_PLAIN_CHUNK)
-                if not data:
+                if not data:  # SSLObject.read gives b"" once the peer's close_notify is read
+                    self._eof = True
                     break
                 chunks.append(data)
         except ssl.SSLWantReadError:
             pass
-        except ssl.SSLZeroReturnError:  # close_notify
-            if not chunks:
-                return b""
+        except ssl.SSLZeroReturnError:
+            self._eof = True
         except ssl.SSLError as e:
-            if not chunks:
-                if isinstance(e, ssl.SSLEOFError):
-                    return b""  # a TCP close without close_notify: the same to the protocol above
+            if isinstance(e, ssl.SSLEOFError):
+                self._eof = True  # a TCP close without close_notify: the same to the protocol above
+            elif not chunks:
                 self.close(f"tls: {e.reason or e}")
                 raise TransportClosed(self.closed_reason) from None
         self._flush_out()  # reading may have produced records to send (key updates, alerts)
         if chunks:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        return None
+        return b"" if self._eof else None
 
     def write(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self._shut:
             return
         try:
             view = memoryview(data)
@@ -229,20 +244,27 @@ class TlsTransport(Transport):
             Transport.write(self, self._out.read())
 
     async def flush_and_close(self, timeout: float, reason: str) -> None:
-        if not self._closed:
+        # What is queued goes first; close_notify after it, and nothing after that.
+        with trio.move_on_after(timeout):
+            await self.drained()
+        if not self._closed and not self._shut:
+            self._shut = True
             try:
                 self._ssl.unwrap()  # queues close_notify; the peer's reply is not awaited
             except ssl.SSLError:
                 pass
             self._flush_out()
-        await super().flush_and_close(timeout, reason)
+        await super().flush_and_close(min(timeout, 1.0), reason)
 
 
 async def handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool, timeout: float,
                     write_timeout: float, server_name: str | None = None) -> TlsTransport:
     """Run the handshake on a connected non-blocking socket; TlsError says why it failed."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    sslobj = ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_name)
+    try:
+        sslobj = ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_name)
+    except ValueError as e:  # e.g. no name to check the server's certificate against
+        raise TlsError(str(e)) from None
     try:
         with trio.fail_after(timeout):
             while True:
@@ -278,8 +300,8 @@ async def handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bo
 async def connect_upstream(sock: socket.socket, client: ClientTls, host: str, write_timeout: float) -> TlsTransport:
     """The client side: handshake, then the server's identity if the cluster names the ones it accepts."""
     transport = await handshake(sock, client.context, server_side=False, timeout=client.handshake_timeout,
-                                write_timeout=write_timeout, server_name=client.server_name or host)
-    if client.peer_identities and transport.identity not in client.peer_identities:
+                                write_timeout=write_timeout, server_name=client.server_name or host or None)
+    if client.peer_identities and client.peer_identities.isdisjoint(names(transport.peer_certificate())):
         transport.close("unexpected server identity")
         raise TlsError(f"server identity {transport.identity!r} is not one of {sorted(client.peer_identities)}")
     return transport

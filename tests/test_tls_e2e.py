@@ -11,6 +11,7 @@ import logging
 import shutil
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import grpc
@@ -344,6 +345,127 @@ async def test_thrift_permissive_takes_tls_and_plaintext_on_one_port(
         assert metric(app, security, listener="test", security="plaintext") == 1
 
 
+# -- edges: close_notify, the first bytes, versions, names ---------------------------------
+
+
+def handshake_by_hand(s: socket.socket, tls_obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                      split_first_byte: bool = False) -> None:
+    first = True
+    while True:
+        try:
+            tls_obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            out = outgoing.read()
+            if first and split_first_byte:
+                s.sendall(out[:1])  # a first segment of one byte: 0x16
+                time.sleep(0.05)
+                out = out[1:]
+            first = False
+            s.sendall(out)
+            incoming.write(s.recv(65536))
+    s.sendall(outgoing.read())
+
+
+def tls_client_context(certs: dict[str, Path], **kw: object) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+    ctx.load_cert_chain(str(certs["client"]), str(certs["client_key"]))
+    ctx.set_alpn_protocols(["h2"])
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+async def test_a_peer_close_notify_ends_the_connection(
+    nursery: trio.Nursery, tmp_path: Path, certs: dict[str, Path]
+) -> None:
+    """Go, Java, nginx and Envoy send close_notify when they close; grpcio does not."""
+    app = await start(nursery, tmp_path, proxy_config(listener_tls(certs, "strict"), f"{HOST}:1"))
+    port = listen_port(app)
+
+    def close_politely() -> bytes:
+        """close_notify, with the TCP connection left open: the proxy must close it."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls_obj = tls_client_context(certs).wrap_bio(incoming, outgoing, server_hostname=HOST)
+        with socket.create_connection((HOST, port), timeout=3) as s:
+            handshake_by_hand(s, tls_obj, incoming, outgoing)
+            tls_obj.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            try:
+                tls_obj.unwrap()
+            except ssl.SSLWantReadError:
+                pass
+            s.sendall(outgoing.read())
+            while s.recv(65536):  # until the proxy closes (a timeout here fails the test)
+                pass
+            return b"closed"
+
+    active = "meshproxy_downstream_connections_active"
+    assert await run(close_politely) == b"closed"
+    await eventually(lambda: metric(app, active, listener="test") == 0, timeout=3)
+
+
+async def test_permissive_first_bytes_edges(
+    nursery: trio.Nursery, tmp_path: Path, certs: dict[str, Path], grpc_server: tuple[int, object],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port, _ = grpc_server
+    app = await start(nursery, tmp_path, proxy_config(listener_tls(certs, "permissive"), f"{HOST}:{port}"))
+    lp = listen_port(app)
+
+    def probe() -> None:  # a health check: connect, close
+        socket.create_connection((HOST, lp), timeout=5).close()
+
+    def split_client_hello() -> str | None:
+        """A TLS client whose first segment is the single byte 0x16."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls_obj = tls_client_context(certs).wrap_bio(incoming, outgoing, server_hostname=HOST)
+        with socket.create_connection((HOST, lp), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            handshake_by_hand(s, tls_obj, incoming, outgoing, split_first_byte=True)
+            return tls_obj.selected_alpn_protocol()
+
+    await run(probe)
+    assert await run(split_client_hello) == "h2"
+    assert await run(grpc_call, lp, None) == (grpc.StatusCode.OK, b"hello")
+    assert metric(app, "meshproxy_tls_handshakes_total", side="downstream", target="test", result="ok") == 1
+    assert metric(app, "meshproxy_tls_handshakes_total", side="downstream", target="test", result="timeout") == 0
+    assert "refused" not in caplog.text
+
+
+async def test_min_version_is_enforced(nursery: trio.Nursery, tmp_path: Path, certs: dict[str, Path]) -> None:
+    text = proxy_config(listener_tls(certs, "strict").replace("}", ", min_version: '1.3'}"), f"{HOST}:1")
+    app = await start(nursery, tmp_path, text)
+    port = listen_port(app)
+
+    def connect(version: ssl.TLSVersion) -> str:
+        ctx = tls_client_context(certs, maximum_version=version)
+        try:
+            with socket.create_connection((HOST, port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=HOST) as s:
+                return str(s.version())
+        except ssl.SSLError as e:
+            return f"refused: {e.reason}"
+
+    assert await run(connect, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    assert str(await run(connect, ssl.TLSVersion.TLSv1_2)).startswith("refused")
+
+
+async def test_a_simple_cluster_checks_the_server_name(
+    nursery: trio.Nursery, tmp_path: Path, certs: dict[str, Path], grpc_server: tuple[int, object]  # noqa: F811
+) -> None:
+    port, _ = grpc_server
+    ingress = await start(nursery, tmp_path, proxy_config(listener_tls(certs, "strict", mutual=False),
+                                                          f"{HOST}:{port}"), "ingress.yaml")
+    target = f"{HOST}:{listen_port(ingress)}"
+    good = await start(nursery, tmp_path, proxy_config("", target, cluster_tls=cluster_tls(certs, "simple")),
+                       "good.yaml")
+    assert await run(grpc_call, listen_port(good), None) == (grpc.StatusCode.OK, b"hello")
+    wrong = cluster_tls(certs, "simple").replace("}", ", server_name: api.example.com}")
+    bad = await start(nursery, tmp_path, proxy_config("", target, cluster_tls=wrong), "bad.yaml")
+    code, details = await run(grpc_call, listen_port(bad), None)
+    assert code == grpc.StatusCode.UNAVAILABLE and "certificate verify failed" in str(details)
+
+
 # -- reload, config ----------------------------------------------------------------------
 
 
@@ -386,6 +508,10 @@ def test_config_errors_name_the_key(tmp_path: Path, certs: dict[str, Path]) -> N
     with pytest.raises(ConfigError) as e:
         load(str(path))
     assert "clusters[0].tls.cert: required for mode mutual" in "\n".join(e.value.lines)
+    path = write_config(tmp_path, proxy_config("", "unix:/tmp/x.sock", cluster_tls="{mode: simple}"))
+    with pytest.raises(ConfigError) as e:
+        load(str(path))
+    assert "clusters[0].tls: a unix endpoint has no host name to verify" in "\n".join(e.value.lines)
 
 
 def test_relative_certificate_paths_are_from_the_config_directory(tmp_path: Path, certs: dict[str, Path]) -> None:

@@ -183,6 +183,9 @@ async def dial(address: Address, connect_timeout: float, write_timeout: float, c
         sock.close()
         metrics.child(metrics.tls_handshakes, "upstream", cluster, "failed").inc()
         raise tls.TlsError(f"TLS: {e}") from None
+    except BaseException:  # cancelled mid-handshake
+        sock.close()
+        raise
     metrics.child(metrics.tls_handshakes, "upstream", cluster, "ok").inc()
     return transport
 
