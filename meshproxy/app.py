@@ -57,7 +57,7 @@ class App:
 
     def _state(self, listener: config_mod.Listener, clusters: dict[str, Cluster]) -> ListenerState:
         context = FilterContext(
-            listener.name, listener.direction, self.config.node.service, self.config.node.unit, self.metrics
+            listener.name, listener.direction, self.config.node.service, self.config.node.unit, self.metrics, clusters
         )
         chain = build_chain(listener.filters, context)
         route_chains = {

@@ -86,6 +86,7 @@ class Metrics:
     authz_decisions: Counter
     ticket_verifications: Counter
     tls_handshakes: Counter
+    unit_decisions: Counter
     downstream_connections_security: Counter
     # prometheus_client's .labels() hashes and validates on every call; the
     # label sets are bounded, so the children are cached here.
@@ -189,6 +190,11 @@ class Metrics:
                 "meshproxy_tls_handshakes", "TLS handshakes by side (downstream: a listener's, upstream: a "
                 "cluster's), target (the listener or cluster) and result (ok, failed, timeout, plaintext_refused)",
                 ("side", "target", "result"), registry=r,
+            ),
+            unit_decisions=Counter(
+                "meshproxy_unit_decisions", "unit_routing decisions by unit, target cluster and reason (table, "
+                "hash, range, direct, gray, failover, default, observe, no_key)",
+                ("listener", "unit", "target", "reason"), registry=r,
             ),
             downstream_connections_security=Counter(
                 "meshproxy_downstream_connections_security", "Downstream connections by how they are "

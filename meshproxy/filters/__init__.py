@@ -17,11 +17,13 @@ from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
 from meshproxy.filters.mirror import MirrorFilter
 from meshproxy.filters.ticket import TicketFilter
+from meshproxy.filters.unit_routing import UnitRoutingFilter
 
 FILTER_TYPES: dict[str, type[Filter]] = {
     HeadersFilter.name: HeadersFilter,
     FaultFilter.name: FaultFilter,
     MirrorFilter.name: MirrorFilter,
+    UnitRoutingFilter.name: UnitRoutingFilter,
     TicketFilter.name: TicketFilter,
     AuthzFilter.name: AuthzFilter,
 }

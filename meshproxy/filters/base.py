@@ -24,7 +24,7 @@ metrics (filters that count or that speak for the node override it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -73,6 +73,8 @@ class FilterContext:
     node_service: str = "meshproxy"
     node_unit: str = ""
     metrics: Metrics | None = None
+    # The listener's clusters by name (their endpoints' health), for filters that pick one.
+    clusters: Mapping[str, Any] | None = None
 
 
 class Filter:
