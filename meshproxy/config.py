@@ -123,10 +123,14 @@ class RouteMatch:
 class Route:
     name: str
     match: RouteMatch
-    cluster: str
+    cluster: str  # "" when the route splits its calls over weighted clusters
     timeout: float = 15.0  # 0 disables; Envoy's default route timeout is 15 s too
     # Run after the listener's filters, for this route's calls only.
     filters: tuple[FilterSpec, ...] = ()
+    # Gray release: (cluster, weight) pairs; with sticky_header, a call's share is
+    # picked by a hash of that header's value (the same value, the same cluster).
+    weighted: tuple[tuple[str, int], ...] = ()
+    sticky_header: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,9 +515,25 @@ def _limits(r: _Reader, raw: object, cls: type[T]) -> T:
 
 
 def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) -> Route:
-    m = r.mapping(raw, ("name", "match", "cluster", "timeout", "filters"), required=("match", "cluster"))
+    m = r.mapping(raw, ("name", "match", "cluster", "clusters", "sticky", "timeout", "filters"), required=("match",))
     name = r.value(m, "name", _string, f"{listener}.{index}")
     cluster = r.value(m, "cluster", _string, "")
+    weighted = r.value(m, "clusters", _weighted_clusters, ())
+    if "cluster" not in m and "clusters" not in m:
+        r.problem("required key is missing (or clusters, with weights)", "cluster")
+    elif "cluster" in m and "clusters" in m:
+        r.problem("give cluster or clusters (with weights), not both", "cluster")
+    sticky = ""
+    if "sticky" in m:
+        with r.at("sticky"):
+            try:
+                sm = r.mapping(m["sticky"], ("header",), required=("header",))
+                sticky = r.value(sm, "header", lambda v: _string(v).lower(), "")
+            except _Invalid:
+                pass
+        if "clusters" not in m:
+            r.problem("only with clusters (weights)", "sticky")
+    extra = {"weighted": weighted, "sticky_header": sticky}
     timeout = r.value(m, "timeout", parse_duration, 15.0)
     filters: tuple[FilterSpec, ...] = ()
     if "filters" in m:
@@ -523,7 +543,7 @@ def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) ->
     if "match" in m:
         with r.at("match"):
             if protocol == "thrift":
-                return Route(name, _thrift_match(r, m["match"]), cluster, timeout, filters)
+                return Route(name, _thrift_match(r, m["match"]), cluster, timeout, filters, **extra)
             mm = r.mapping(m["match"], ("prefix", "path", "headers"))
             prefix = r.value(mm, "prefix", _path_string, None)
             path = r.value(mm, "path", _path_string, None)
@@ -534,7 +554,25 @@ def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) ->
                 with r.at("headers"):
                     headers = r.each(mm["headers"], lambda _, h: _header_match(r, h))
             match = RouteMatch(prefix=prefix, path=path, headers=tuple(h for _, h in headers))
-    return Route(name=name, match=match, cluster=cluster, timeout=timeout, filters=filters)
+    return Route(name=name, match=match, cluster=cluster, timeout=timeout, filters=filters, **extra)
+
+
+def _weighted_clusters(raw: object) -> tuple[tuple[str, int], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("expected a list of {name, weight}")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) != {"name", "weight"}:
+            raise ValueError(f"[{i}]: expected {{name: CLUSTER, weight: N}}, got {item!r}")
+        weight = item["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000:
+            raise ValueError(f"[{i}]: weight must be a whole number from 0 to 1000000, got {weight!r}")
+        out.append((_string(item["name"]), weight))
+    if not sum(w for _, w in out):
+        raise ValueError("the weights add up to 0")
+    if len({n for n, _ in out}) != len(out):
+        raise ValueError("a cluster is named twice")
+    return tuple(out)
 
 
 def _thrift_match(r: _Reader, raw: object) -> RouteMatch:
@@ -908,22 +946,10 @@ def _cross_check(
                     f"listeners[{li}].address",
                 )
         for ri, route in zip(p.route_index, lst.routes, strict=True):
-            key = f"listeners[{li}].routes[{ri}].cluster"
-            if route.cluster and route.cluster not in known:
-                r.problem(f"unknown cluster '{route.cluster}' (known: {', '.join(known) or 'none'})", key)
-                continue
-            target = by_name.get(route.cluster)
-            if target is None:
-                continue
-            if target.protocol != lst.protocol:
-                r.problem(f"cluster '{target.name}' speaks {target.protocol}, this listener {lst.protocol}", key)
-            elif lst.protocol == "thrift" and "auto" not in (lst.thrift.protocol, target.thrift.protocol) \
-                    and lst.thrift.protocol != target.thrift.protocol:
-                r.problem(
-                    f"cluster '{target.name}' speaks thrift {target.thrift.protocol}, this listener "
-                    f"{lst.thrift.protocol} (binary and compact are not translated)",
-                    key,
-                )
+            names = [(f"listeners[{li}].routes[{ri}].cluster", route.cluster)] if route.cluster else [
+                (f"listeners[{li}].routes[{ri}].clusters[{i}]", n) for i, (n, _) in enumerate(route.weighted)]
+            for key, cluster_name in names:
+                _check_route_cluster(r, lst, key, cluster_name, known, by_name)
         if validate_filter is None:
             continue
         for fi, spec in zip(p.filter_index, lst.filters, strict=True):
@@ -939,6 +965,23 @@ def _cross_check(
                 except FilterOptionError as e:
                     key = f"listeners[{li}].routes[{ri}].filters[{fi}]" + (f".{e.key}" if e.key else "")
                     r.problem(e.message, key)
+
+
+def _check_route_cluster(r: _Reader, lst: Listener, key: str, cluster_name: str, known: list[str],
+                         by_name: dict[str, Cluster]) -> None:
+    if cluster_name not in known:
+        r.problem(f"unknown cluster '{cluster_name}' (known: {', '.join(known) or 'none'})", key)
+        return
+    target = by_name[cluster_name]
+    if target.protocol != lst.protocol:
+        r.problem(f"cluster '{target.name}' speaks {target.protocol}, this listener {lst.protocol}", key)
+    elif lst.protocol == "thrift" and "auto" not in (lst.thrift.protocol, target.thrift.protocol) \
+            and lst.thrift.protocol != target.thrift.protocol:
+        r.problem(
+            f"cluster '{target.name}' speaks thrift {target.thrift.protocol}, this listener "
+            f"{lst.thrift.protocol} (binary and compact are not translated)",
+            key,
+        )
 
 
 def _duplicates(r: _Reader, section: str, names: list[tuple[int, str]]) -> None:

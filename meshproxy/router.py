@@ -6,7 +6,11 @@ state or protocols' wire formats.
 
 from __future__ import annotations
 
-from meshproxy.call import Headers
+import bisect
+import random
+import zlib
+
+from meshproxy.call import Headers, header_value
 from meshproxy.config import HeaderMatch, Route
 
 
@@ -33,13 +37,43 @@ class _Compiled:
         )
 
 
+class _Split:
+    """A weighted route's clusters as cumulative weights: one bisect per call."""
+
+    __slots__ = ("bounds", "names", "sticky", "total")
+
+    def __init__(self, route: Route) -> None:
+        self.names = [n for n, w in route.weighted if w > 0]
+        self.bounds: list[int] = []
+        total = 0
+        for _, w in route.weighted:
+            if w > 0:
+                total += w
+                self.bounds.append(total)
+        self.total = total
+        self.sticky = route.sticky_header.encode() if route.sticky_header else None
+
+    def pick(self, headers: Headers) -> str:
+        value = header_value(headers, self.sticky) if self.sticky is not None else None
+        # Sticky: the same header value lands in the same share at the same weights.
+        n = zlib.crc32(value) % self.total if value is not None else random.randrange(self.total)
+        return self.names[bisect.bisect_right(self.bounds, n)]
+
+
 class Router:
     """Routes of one listener, compiled once per config snapshot."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_routes", "_splits")
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self._routes = tuple(_Compiled(r) for r in routes)
+        self._splits = {id(r): _Split(r) for r in routes if r.weighted}
+
+    def cluster_for(self, route: Route, headers: Headers) -> str:
+        """The route's cluster; for a weighted route, this call's pick."""
+        if not route.weighted:
+            return route.cluster
+        return self._splits[id(route)].pick(headers)
 
     def match(self, path: str, headers: Headers) -> Route | None:
         for r in self._routes:

@@ -119,7 +119,7 @@ class ThriftProxy:
         route = state.router.match(call.path, call.headers)
         if route is not None:
             call.route = route
-            call.cluster = route.cluster
+            call.cluster = state.router.cluster_for(route, call.headers)
             if route.timeout > 0 and call.start + route.timeout < call.deadline:
                 call.deadline = call.start + route.timeout
         chain = p.chain = state.chain_for(route)

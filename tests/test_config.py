@@ -159,7 +159,7 @@ def test_missing_listeners(tmp_path: Path) -> None:
 
 def test_missing_route_cluster(tmp_path: Path) -> None:
     f, lines = problems(tmp_path, GOOD.replace("        cluster: backend\n", ""))
-    assert lines == [f"{f}: listeners[0].routes[0].cluster: required key is missing"]
+    assert lines == [f"{f}: listeners[0].routes[0].cluster: required key is missing (or clusters, with weights)"]
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_unknown_filter_name(tmp_path: Path) -> None:
     f, lines = problems(tmp_path, with_filters("      - name: faultt\n"))
     assert lines == [
         f"{f}: listeners[0].filters[0].name: unknown filter 'faultt' "
-        "(built-in: authz, fault, headers, mirror, ticket; or give module:Class)"
+        "(built-in: authz, fault, headers, mirror, ticket, unit_routing; or give module:Class)"
     ]
 
 

@@ -274,3 +274,44 @@ def decide_key(f: UnitRoutingFilter, name: bytes, key: str) -> object:
     with pytest.raises(StopIteration):
         coro.send(None)
     return c.cluster
+
+
+# -- weighted routes (gray release of a new version) ----------------------------------------
+
+WEIGHTED = CONFIG.replace("        cluster: backend-a\n",
+                          "        clusters: [{{name: backend-a, weight: 90}}, {{name: backend-b, weight: 10}}]{sticky}\n")
+
+
+async def test_weighted_route_splits_calls_and_sticks_on_a_header(
+    nursery: trio.Nursery, tmp_path: Path, unit_servers: dict[str, tuple[int, Any]]
+) -> None:
+    text = WEIGHTED.format(port_a=unit_servers["a"][0], port_b=unit_servers["b"][0], protocol="http2", thrift="",
+                           match="{prefix: /}", filter="{name: headers}",
+                           sticky="\n        sticky: {header: x-user-id}")
+    app = await start_proxy(nursery, write_config(tmp_path, text))
+    port = listen_port(app)
+    unsticky = await trio.to_thread.run_sync(grpc_units, port, [None] * 400)
+    share_b = unsticky.count("unit-b") / len(unsticky)
+    assert 0.05 < share_b < 0.16, share_b
+    keys = [f"user{i}" for i in range(300)]
+    first = await trio.to_thread.run_sync(grpc_units, port, keys)
+    assert await trio.to_thread.run_sync(grpc_units, port, keys) == first  # the same user, the same version
+    assert 0.04 < first.count("unit-b") / len(first) < 0.18
+
+
+def test_weighted_route_config_errors(tmp_path: Path) -> None:
+    def problems(clusters: str, sticky: str = "") -> str:
+        text = CONFIG.format(port_a=1, port_b=2, protocol="http2", thrift="", match="{prefix: /}",
+                             filter="{name: headers}").replace("        cluster: backend-a\n",
+                                                              f"        {clusters}{sticky}\n")
+        with pytest.raises(ConfigError) as e:
+            load(str(write_config(tmp_path, text)))
+        return "\n".join(e.value.lines)
+
+    assert "routes[0].clusters[1]: unknown cluster 'nope'" in problems(
+        "clusters: [{name: backend-a, weight: 1}, {name: nope, weight: 1}]")
+    assert "routes[0].clusters: the weights add up to 0" in problems("clusters: [{name: backend-a, weight: 0}]")
+    assert "routes[0].cluster: give cluster or clusters (with weights), not both" in problems(
+        "cluster: backend-a\n        clusters: [{name: backend-b, weight: 1}]")
+    assert "routes[0].sticky: only with clusters (weights)" in problems(
+        "cluster: backend-a", "\n        sticky: {header: x-user-id}")
