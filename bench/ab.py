@@ -26,9 +26,9 @@ HERE = Path(__file__).resolve().parent
 CLIENTS, STREAMS = 10, 10
 
 
-def throughput(svc: h.Service, size: str, seconds: int) -> float:
+def throughput(svc: h.Service, size: str, seconds: int, hdr: list[str]) -> float:
     url = f"{svc.scheme}://127.0.0.1:{svc.port}/{size}"
-    r, out = h.h2load(["-c", str(CLIENTS), "-m", str(STREAMS), "-D", str(int(seconds)), "--warm-up-time", "1", url],
+    r, out = h.h2load([*hdr, "-c", str(CLIENTS), "-m", str(STREAMS), "-D", str(int(seconds)), "--warm-up-time", "1", url],
                       timeout=seconds + 60)
     bad = h.h2load_problems(r, slack=CLIENTS * STREAMS)
     if bad:
@@ -36,12 +36,12 @@ def throughput(svc: h.Service, size: str, seconds: int) -> float:
     return float(r["rps"])
 
 
-def latency(svc: h.Service, b: h.Bench, n: int) -> tuple[int, int]:
+def latency(svc: h.Service, b: h.Bench, n: int, hdr: list[str]) -> tuple[int, int]:
     """(p50, p99) in µs of n sequential requests."""
     url = f"{svc.scheme}://127.0.0.1:{svc.port}/small"
     log = b.dir / f"lat-{svc.name}.log"
     log.unlink(missing_ok=True)
-    r, out = h.h2load(["-n", str(n), "-c", "1", "-m", "1", "--log-file", str(log), url], timeout=120)
+    r, out = h.h2load([*hdr, "-n", str(n), "-c", "1", "-m", "1", "--log-file", str(log), url], timeout=120)
     bad = h.h2load_problems(r, expect_n=n, size=100)
     if bad:
         raise RuntimeError(f"{svc.name} latency: {bad}\n{out}")
@@ -74,17 +74,19 @@ def main() -> int:
             if bad:
                 print(f"{n}: {bad}", file=sys.stderr)
                 return 1
-            throughput(svc, "small", 2)  # warm-up
+            throughput(svc, "small", 2, [])  # warm-up
         for rnd in range(o.rounds):
             for v in variants:
                 row: dict[str, dict[str, float]] = {}
+                # The baseline gets the variant's request headers too: the same requests, only the filter differs.
+                hdr = h.TARGET_HEADERS.get(v, [])
                 # baseline, variant, baseline: the variant is compared with the mean of the two around it
                 for who in (o.baseline, v, o.baseline):
                     svc = svcs[who]
                     b.refresh_origin()
-                    m = {"rps_small": throughput(svc, "small", o.seconds),
-                         "rps_16k": throughput(svc, "16k", o.seconds)}
-                    m["p50"], m["p99"] = latency(svc, b, o.latency_n)
+                    m = {"rps_small": throughput(svc, "small", o.seconds, hdr),
+                         "rps_16k": throughput(svc, "16k", o.seconds, hdr)}
+                    m["p50"], m["p99"] = latency(svc, b, o.latency_n, hdr)
                     if who in row:
                         row[who] = {k: (row[who][k] + m[k]) / 2 for k in m}
                     else:

@@ -37,7 +37,7 @@ LOAD_CPU = 1  # the origin and h2load
 SIZES = {"small": 100, "16k": 16 * 1024}
 
 TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "meshproxy-mirror-redis",
-           "meshproxy-mirror-stalled", "meshproxy-authz", "naive", "nginx", "haproxy",
+           "meshproxy-mirror-stalled", "meshproxy-authz", "meshproxy-unit", "naive", "nginx", "haproxy",
            "direct-tls", "meshproxy-tls", "nginx-tls"]
 DESCRIPTIONS = {
     "direct": "h2load -> origin (no proxy)",
@@ -48,6 +48,7 @@ DESCRIPTIONS = {
     "meshproxy-mirror-stalled": "meshproxy, metrics on, mirror filter at 100% to a Redis that is stopped (SIGSTOP) "
                                 "once the proxy is up: the queue fills, then records drop",
     "meshproxy-authz": "meshproxy, metrics on, authz filter with 50 rules, the last one matching",
+    "meshproxy-unit": "meshproxy, metrics on, unit_routing with a 10,000-entry table (h2load sends x-user-id: 4242)",
     "naive": "naive trio + h2 forwarder (bench/naive_forwarder.py)",
     "direct-tls": "h2load -> origin over TLS (no proxy)",
     "meshproxy-tls": "meshproxy, TLS from h2load (TLS 1.3; h2load sends no client certificate), "
@@ -308,6 +309,17 @@ def authz_rules(n: int) -> str:
     return "    filters:\n      - name: authz\n        default: deny\n        rules:\n" + "".join(rules)
 
 
+def unit_table(n: int) -> str:
+    """unit_routing with an n-entry table; every unit's target is the origin (the lookup is what is measured)."""
+    table = ", ".join(f"'{i}': u{i % 4}" for i in range(n))
+    return ("    filters:\n      - {name: unit_routing, key: {header: x-user-id}, "
+            f"table: {{{table}}}, default: u0, targets: {{u0: origin, u1: origin, u2: origin, u3: origin}}}}\n")
+
+
+# Request headers h2load adds for a target (the unit routing key).
+TARGET_HEADERS = {"meshproxy-unit": ["-H", "x-user-id: 4242"]}
+
+
 def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None, mirror: str | None = None,
                    tls_dir: Path | None = None, filters: str = "") -> str:
     log = f"{{enabled: true, path: {access_log}}}" if access_log else "{enabled: false}"
@@ -525,7 +537,8 @@ class Bench:
                 sink = f"{{type: redis, url: 'redis://127.0.0.1:{redis_port}', max_length: 100000}}"
             tls_dir = self.dir / "certs" if target == "meshproxy-tls" else None
             upstream = origin.tls_port if tls_dir else origin.port
-            filters = authz_rules(50) if target == "meshproxy-authz" else ""
+            filters = (authz_rules(50) if target == "meshproxy-authz"
+                       else unit_table(10_000) if target == "meshproxy-unit" else "")
             conf.write_text(meshproxy_conf(port, admin, upstream, log, sink, tls_dir, filters))
             svc = self.start(target, meshproxy_argv(conf), port, PROXY_CPU, admin=admin)
             if tls_dir:

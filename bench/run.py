@@ -94,6 +94,7 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
     pid = svc.pid if svc and svc.proc is not origin.proc else None
     scheme = svc.scheme if svc else "http"
     base = f"{scheme}://127.0.0.1:{port}"
+    hdr = h.TARGET_HEADERS.get(target, [])
 
     def alive(what: str) -> bool:
         if svc is not None and not svc.alive():
@@ -110,7 +111,7 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
             return res
 
         # warm-up: connections, upstream pools, caches
-        r, out = h.h2load(["-n", str(o.warm_n), "-c", str(CLIENTS), "-m", str(STREAMS), base + "/small"],
+        r, out = h.h2load([*hdr, "-n", str(o.warm_n), "-c", str(CLIENTS), "-m", str(STREAMS), base + "/small"],
                           timeout=o.timeout)
         problems.add(target, "warm-up", h.h2load_problems(r, expect_n=o.warm_n, size=100), out)
         if not alive("warm-up"):
@@ -120,7 +121,7 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
             runs = []
             for i in range(o.reps):
                 b.refresh_origin()
-                args = ["-c", str(CLIENTS), "-m", str(STREAMS), "-D", str(o.duration),
+                args = [*hdr, "-c", str(CLIENTS), "-m", str(STREAMS), "-D", str(o.duration),
                         "--warm-up-time", str(o.warmup), base + "/" + size_name]
                 r, out = run_h2load_probed(args, o.timeout, pid, o.warmup + 0.2)
                 runs.append(r)
@@ -141,11 +142,11 @@ def measure(b: h.Bench, target: str, origin: h.Service, o, problems: Problems) -
 
         # latency at concurrency 1
         b.refresh_origin()
-        r, out = h.h2load(["-n", "500", "-c", "1", "-m", "1", base + "/small"], timeout=o.timeout)
+        r, out = h.h2load([*hdr, "-n", "500", "-c", "1", "-m", "1", base + "/small"], timeout=o.timeout)
         problems.add(target, "latency warm-up", h.h2load_problems(r, expect_n=500, size=100), out)
         log = b.dir / f"latency-{target}.log"
         n = o.latency_n
-        r, out = h.h2load(["-n", str(n), "-c", "1", "-m", "1", "--log-file", str(log), base + "/small"],
+        r, out = h.h2load([*hdr, "-n", str(n), "-c", "1", "-m", "1", "--log-file", str(log), base + "/small"],
                           timeout=o.timeout)
         lp = h.h2load_problems(r, expect_n=n, size=100)
         lat, statuses = [], []

@@ -166,10 +166,9 @@ class UnitRoutingFilter(Filter):
         gray = self.gray.get(unit)
         if gray is not None and raw is not None and _gray_slot(raw) < gray[1]:
             target, reason = gray[0], "gray"
-        if not self._healthy(target):
-            other = self.fallback.get(unit)
-            if other is not None and self._healthy(self.targets[other]):
-                unit, target, reason = other, self.targets[other], "failover"
+        other = self.fallback.get(unit)
+        if other is not None and not self._healthy(target) and self._healthy(self.targets[other]):
+            unit, target, reason = other, self.targets[other], "failover"
         if self.observe:
             self._count(unit, target, "observe")
             call.log_field("unit", unit)
