@@ -57,6 +57,7 @@ from meshproxy.filters.base import (
     FilterOptionError,
     Options,
     Respond,
+    flag,
 )
 from meshproxy.filters.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from meshproxy.filters.ticket import destination_service
@@ -252,10 +253,6 @@ def _rules(raw: Any) -> tuple[Rule, ...]:
     return rules
 
 
-def _bool(raw: Any) -> bool:
-    if not isinstance(raw, bool):
-        raise ValueError(f"expected true or false, got {raw!r}")
-    return raw
 
 
 def _action(raw: Any) -> str:
@@ -314,7 +311,7 @@ class AuthzFilter(Filter):
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> AuthzFilter:
         o = Options(options)
-        dry_run = o.get("dry_run", _bool, False)
+        dry_run = o.get("dry_run", flag, False)
         default = o.get("default", _action, "deny")
         unit_header = o.get("unit_header", _header_name, DEFAULT_UNIT_HEADER.encode())
         log_interval = o.get("log_interval", parse_duration, DEFAULT_INTERVAL)

@@ -128,6 +128,30 @@ class Options:
             raise FilterOptionError(unknown[0], f"unknown option (expected: {expected})")
 
 
+# Option parsers shared by the built-in filters (each raises ValueError; Options adds the key).
+
+
+def flag(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"expected true or false, got {raw!r}")
+    return raw
+
+
+def text(raw: Any) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"expected a non-empty string, got {raw!r}")
+    return raw
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return str(raw)
+
+    return parse
+
+
 class _Nested(Options):
     def __init__(self, raw: dict[str, Any], prefix: str) -> None:
         super().__init__(raw)

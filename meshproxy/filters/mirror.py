@@ -23,7 +23,15 @@ from typing import Any
 
 from meshproxy import mirror
 from meshproxy.call import Call, Completion, Headers, header_value
-from meshproxy.filters.base import CONTINUE, Continue, Filter, FilterOptionError, Options
+from meshproxy.filters.base import (
+    CONTINUE,
+    Continue,
+    Filter,
+    FilterOptionError,
+    Options,
+    flag,
+    text,
+)
 
 DEFAULT_REDACT = ("authorization", "cookie", "set-cookie", "proxy-authorization", "x-ticket", "x-mesh-ticket",
                   "tt.acl_token")
@@ -42,10 +50,6 @@ def _size(raw: Any) -> int:
     return raw
 
 
-def _bool(raw: Any) -> bool:
-    if not isinstance(raw, bool):
-        raise ValueError(f"expected true or false, got {raw!r}")
-    return raw
 
 
 def _names(raw: Any) -> tuple[bytes, ...]:
@@ -165,13 +169,13 @@ class MirrorFilter(Filter):
         o = Options(options)
         sample = o.get("sample", _ratio, 1.0)
         max_body = o.get("max_body_bytes", _size, 65536)
-        capture_response = o.get("capture_response", _bool, False)
+        capture_response = o.get("capture_response", flag, False)
         redact = o.get("redact", _names, tuple(n.encode() for n in DEFAULT_REDACT))
         m = o.section("match")
         match = {
-            "service": m.get("service", _text, None),
-            "method": m.get("method", _text, None),
-            "path_prefix": m.get("path_prefix", _text, None),
+            "service": m.get("service", text, None),
+            "method": m.get("method", text, None),
+            "path_prefix": m.get("path_prefix", text, None),
             "headers": m.get("headers", _header_map, None),
         }
         m.done()
@@ -209,10 +213,6 @@ class MirrorFilter(Filter):
         return [kv if kv[0] not in redact else (kv[0], REDACTED) for kv in headers]
 
 
-def _text(raw: Any) -> str:
-    if not isinstance(raw, str) or not raw:
-        raise ValueError(f"expected a non-empty string, got {raw!r}")
-    return raw
 
 
 def _header_map(raw: Any) -> dict[str, str]:

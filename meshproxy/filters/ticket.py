@@ -45,6 +45,8 @@ from meshproxy.filters.base import (
     FilterOptionError,
     Options,
     Respond,
+    one_of,
+    text,
 )
 from meshproxy.filters.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from meshproxy.metrics import Metrics
@@ -60,19 +62,8 @@ DEFAULT_TTL = 300.0
 MIN_TTL = 10.0
 
 
-def _choice(options: tuple[str, ...]) -> Any:
-    def parse(raw: Any) -> str:
-        if raw not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {raw!r}")
-        return str(raw)
-
-    return parse
 
 
-def _text(raw: Any) -> str:
-    if not isinstance(raw, str) or not raw:
-        raise ValueError(f"expected a non-empty string, got {raw!r}")
-    return raw
 
 
 def _header(raw: Any) -> bytes:
@@ -115,8 +106,8 @@ def _key_options(o: Options, options: dict[str, Any], algorithm: str, verify: bo
         raise FilterOptionError(name, f"required for {algorithm} (a file path)")
     if verify:
         # A list while a key is rotated: a ticket is good if any of them verifies it.
-        return o.get(name, lambda raw: [load(_text(p)) for p in _paths(raw)], None)
-    return o.get(name, lambda raw: load(_text(raw)), None)
+        return o.get(name, lambda raw: [load(text(p)) for p in _paths(raw)], None)
+    return o.get(name, lambda raw: load(text(raw)), None)
 
 
 def _paths(raw: Any) -> list[Any]:
@@ -139,19 +130,19 @@ class TicketFilter(Filter):
             raise FilterOptionError("mode", "required option is missing (issue or verify)")
         if "algorithm" not in options:
             raise FilterOptionError("algorithm", f"required option is missing ({', '.join(tickets.ALGORITHMS)})")
-        mode = o.get("mode", _choice(MODES), "")
-        algorithm = o.get("algorithm", _choice(tickets.ALGORITHMS), "")
+        mode = o.get("mode", one_of(MODES), "")
+        algorithm = o.get("algorithm", one_of(tickets.ALGORITHMS), "")
         key = _key_options(o, options, algorithm, verify=mode == "verify")
         header = o.get("header", _header, DEFAULT_HEADER.encode())
         if mode == "issue":
             ttl = o.get("ttl", _ttl, DEFAULT_TTL)
-            audience = o.get("audience", _text, None)
-            service = o.get("service", _text, None)
+            audience = o.get("audience", text, None)
+            service = o.get("service", text, None)
             o.done()
             return IssueTicket(algorithm, key, header, ttl, audience, service)
         audiences = o.get("audience", _audiences, None)
         leeway = o.get("leeway", parse_duration, tickets.DEFAULT_LEEWAY)
-        actions = {f: o.get(f"on_{f}", _choice(ACTIONS), "deny") for f in tickets.FAILURES}
+        actions = {f: o.get(f"on_{f}", one_of(ACTIONS), "deny") for f in tickets.FAILURES}
         log_interval = o.get("log_interval", parse_duration, DEFAULT_INTERVAL)
         o.done()
         return VerifyTicket(algorithm, key, header, audiences, leeway, actions, log_interval)

@@ -46,6 +46,8 @@ from meshproxy.filters.base import (
     FilterOptionError,
     Options,
     Respond,
+    flag,
+    one_of,
 )
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ class UnitRoutingFilter(Filter):
         if (header is None) == (metadata is None):
             raise FilterOptionError("key", "give exactly one of header or metadata")
         key = (header or metadata or b"")
-        mode = o.get("mode", _one_of(MODES), "")
+        mode = o.get("mode", one_of(MODES), "")
         modulus = o.get("modulus", _modulus, 1000)
         hash_ranges = o.get("hash_ranges", _ranges("hash_ranges"), None)
         table = o.get("table", _table, None)
@@ -100,7 +102,7 @@ class UnitRoutingFilter(Filter):
         gray = o.get("gray", _gray, {})
         fallback = o.get("fallback", _str_map, {})
         default = o.get("default", _unit, None)
-        observe = o.get("observe", _bool, False)
+        observe = o.get("observe", flag, False)
         o.done()
         given = [n for n, v in (("hash_ranges", hash_ranges), ("table", table), ("ranges", ranges)) if v is not None]
         if not mode:
@@ -260,13 +262,6 @@ def _unit(raw: Any) -> str:
     return str(raw)
 
 
-def _one_of(choices: tuple[str, ...]) -> Any:
-    def parse(raw: Any) -> str:
-        if raw not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
-        return str(raw)
-
-    return parse
 
 
 def _modulus(raw: Any) -> int:
@@ -275,10 +270,6 @@ def _modulus(raw: Any) -> int:
     return raw
 
 
-def _bool(raw: Any) -> bool:
-    if not isinstance(raw, bool):
-        raise ValueError(f"expected true or false, got {raw!r}")
-    return raw
 
 
 def _ranges(where: str) -> Any:
