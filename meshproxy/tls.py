@@ -55,7 +55,6 @@ class ServerTls:
     """What a listener needs to accept TLS."""
 
     context: ssl.SSLContext
-    mutual: bool  # clients must present a certificate the configured CA signed
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +83,7 @@ def server_context(cert: str, key: str, ca: str = "", min_version: str = "1.2",
     # Stateless session tickets would send extra records after every handshake
     # for resumption sidecars rarely use; one ticket keeps resumption possible.
     ctx.num_tickets = 1
-    return ServerTls(ctx, bool(ca))
+    return ServerTls(ctx)
 
 
 def client_context(mode: str, cert: str = "", key: str = "", ca: str = "", min_version: str = "1.2",
@@ -170,7 +169,7 @@ async def looks_like_tls(sock: socket.socket, timeout: float) -> bool | None:
 class TlsTransport(Transport):
     """A Transport that encrypts what it writes and decrypts what it reads."""
 
-    __slots__ = ("_eof", "_in", "_out", "_shut", "_ssl", "alpn")
+    __slots__ = ("_eof", "_in", "_out", "_shut", "_ssl")
 
     def __init__(self, sock: socket.socket, write_timeout: float, sslobj: ssl.SSLObject,
                  incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, high_water: int = 1 << 20) -> None:
@@ -182,7 +181,6 @@ class TlsTransport(Transport):
         self._shut = False  # our close_notify is queued: nothing may be written after it
         cert = sslobj.getpeercert()
         self.identity = identity(cert)
-        self.alpn = sslobj.selected_alpn_protocol()
         self.security = "mutual_tls" if cert and sslobj.server_side else "tls"
 
     def peer_certificate(self) -> dict[str, object] | None:
