@@ -1,0 +1,139 @@
+"""The risk-control callout's messages (proto/meshproxy/risk/v1/risk.proto), as
+protobuf for gRPC and as its proto3 JSON mapping for plain HTTP/2.
+
+Sans-IO: a CheckRequest in, bytes out; bytes in, a Verdict out (or
+BadReply). The JSON form is the canonical proto3 JSON mapping (lowerCamelCase
+names, bytes as base64, the enum by name), so one risk service can parse both
+forms with its protobuf runtime.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+
+from meshproxy.codec import protobuf as pb
+
+GRPC_PATH = "/meshproxy.risk.v1.RiskService/Check"
+JSON_PATH = "/v1/risk/check"
+ALLOW, DENY, REVIEW = "allow", "deny", "review"
+VERDICTS = (ALLOW, DENY, REVIEW)
+# The enum numbers of risk.proto's Verdict.
+_VERDICT_BY_NUMBER = {1: ALLOW, 2: DENY, 3: REVIEW}
+_VERDICT_BY_NAME = {
+    **{f"VERDICT_{v.upper()}": v for v in VERDICTS},
+    **{v.upper(): v for v in VERDICTS},
+    **{v: v for v in VERDICTS},
+}
+# A reason code goes to the access log: a long one is cut, never trusted to be short.
+MAX_REASON = 128
+
+
+class BadReply(ValueError):
+    """The risk service answered something that is not a CheckResponse with a verdict."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    request_id: str = ""
+    principal: str = ""
+    source_service: str = ""
+    source_unit: str = ""
+    destination_service: str = ""
+    method: str = ""
+    path: str = ""
+    protocol: str = ""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+    body_truncated: bool = False
+    listener: str = ""
+    direction: str = ""
+    mode: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    verdict: str  # allow | deny | review
+    reason: str = ""
+
+
+def encode_check(r: CheckRequest) -> bytes:
+    """The CheckRequest as protobuf (field numbers of risk.proto)."""
+    s = pb.string_field
+    parts = [
+        s(1, r.request_id), s(2, r.principal), s(3, r.source_service), s(4, r.source_unit),
+        s(5, r.destination_service), s(6, r.method), s(7, r.path), s(8, r.protocol),
+    ]
+    for name, value in r.headers:
+        parts.append(pb.message_field(9, pb.bytes_field(1, name) + pb.bytes_field(2, value)))
+    parts += [
+        pb.bytes_field(10, r.body), pb.uint_field(11, int(r.body_truncated)),
+        s(12, r.listener), s(13, r.direction), s(14, r.mode),
+    ]
+    return b"".join(parts)
+
+
+def encode_check_json(r: CheckRequest) -> bytes:
+    """The proto3 JSON mapping of the CheckRequest (defaults left out, as the mapping allows)."""
+    out: dict[str, object] = {}
+    for key, value in (
+        ("requestId", r.request_id), ("principal", r.principal), ("sourceService", r.source_service),
+        ("sourceUnit", r.source_unit), ("destinationService", r.destination_service), ("method", r.method),
+        ("path", r.path), ("protocol", r.protocol),
+    ):
+        if value:
+            out[key] = value
+    if r.headers:
+        out["headers"] = [
+            {"name": n.decode("utf-8", "replace"), "value": base64.b64encode(v).decode("ascii")} for n, v in r.headers
+        ]
+    if r.body:
+        out["body"] = base64.b64encode(r.body).decode("ascii")
+    if r.body_truncated:
+        out["bodyTruncated"] = True
+    for key, value in (("listener", r.listener), ("direction", r.direction), ("mode", r.mode)):
+        if value:
+            out[key] = value
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+def decode_verdict(payload: bytes) -> Verdict:
+    """A protobuf CheckResponse -> Verdict; BadReply if malformed or without a known verdict."""
+    number = 0
+    reason = ""
+    try:
+        for field, _, value in pb.fields(payload):
+            if field == 1:
+                number = pb.as_int(value, field)
+            elif field == 2:
+                reason = pb.as_string(value, field)
+    except pb.DecodeError as e:
+        raise BadReply(f"malformed CheckResponse: {e}") from None
+    verdict = _VERDICT_BY_NUMBER.get(number)
+    if verdict is None:
+        raise BadReply(f"CheckResponse without a known verdict ({number})")
+    return Verdict(verdict, reason[:MAX_REASON])
+
+
+def decode_verdict_json(payload: bytes) -> Verdict:
+    """The JSON mapping of a CheckResponse -> Verdict. The enum is accepted by name
+    (VERDICT_DENY), by its short name (DENY, deny) or by number, as proto3 JSON parsers do."""
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadReply(f"reply is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise BadReply("reply is not a JSON object")
+    raw = doc.get("verdict")
+    verdict = None
+    if isinstance(raw, str):
+        verdict = _VERDICT_BY_NAME.get(raw)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        verdict = _VERDICT_BY_NUMBER.get(raw)
+    if verdict is None:
+        raise BadReply(f"reply without a known verdict ({raw!r})")
+    reason = doc.get("reason", "")
+    if not isinstance(reason, str):
+        raise BadReply("reply reason is not a string")
+    return Verdict(verdict, reason[:MAX_REASON])
