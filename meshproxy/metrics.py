@@ -88,6 +88,15 @@ class Metrics:
     tls_handshakes: Counter
     unit_decisions: Counter
     downstream_connections_security: Counter
+    # The risk-control callout (filters/risk_control.py): verdicts, mode, reasons and
+    # the cache result come from fixed sets; the service's reason codes are never labels.
+    risk_verdicts: Counter
+    risk_check_seconds: Histogram
+    risk_failures: Counter
+    risk_fail_open: Counter
+    risk_fail_closed: Counter
+    risk_report_dropped: Counter
+    risk_cache_lookups: Counter
     # prometheus_client's .labels() hashes and validates on every call; the
     # label sets are bounded, so the children are cached here.
     _children: dict[Any, Any]
@@ -199,6 +208,35 @@ class Metrics:
             downstream_connections_security=Counter(
                 "meshproxy_downstream_connections_security", "Downstream connections by how they are "
                 "protected: mutual_tls, tls, plaintext or shm", ("listener", "security"), registry=r,
+            ),
+            risk_verdicts=Counter(
+                "meshproxy_risk_verdicts", "risk_control verdicts (allow, deny, review) by mode (enforce, "
+                "report), whether from the risk service or the verdict cache", ("listener", "mode", "verdict"),
+                registry=r,
+            ),
+            risk_check_seconds=Histogram(
+                "meshproxy_risk_check_seconds", "Time of one call to the risk service, verdict or failure",
+                ("listener",), buckets=DURATION_BUCKETS, registry=r,
+            ),
+            risk_failures=Counter(
+                "meshproxy_risk_failures", "Checks without a verdict, by reason (timeout, unavailable, "
+                "bad_reply, guard_open: not sent while the guard is open)", ("listener", "reason"), registry=r,
+            ),
+            risk_fail_open=Counter(
+                "meshproxy_risk_fail_open", "Calls let through because their check failed (failure_mode: allow)",
+                ("listener",), registry=r,
+            ),
+            risk_fail_closed=Counter(
+                "meshproxy_risk_fail_closed", "Calls refused because their check failed (failure_mode: deny)",
+                ("listener",), registry=r,
+            ),
+            risk_report_dropped=Counter(
+                "meshproxy_risk_report_dropped", "Report-mode checks dropped: the report queue was full",
+                ("listener",), registry=r,
+            ),
+            risk_cache_lookups=Counter(
+                "meshproxy_risk_cache_lookups", "risk_control verdict cache lookups by result (hit, miss)",
+                ("listener", "result"), registry=r,
             ),
             _children={},
         )

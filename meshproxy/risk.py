@@ -1,0 +1,298 @@
+"""The risk-control callout's client side: one check over HTTP/2, the guard
+that stops calling a dead risk service, and the bounded verdict cache.
+
+Knows: how a CheckRequest reaches the risk service through an ordinary
+cluster (pooled connections, the cluster's load balancer) as unary gRPC or
+as a JSON POST, and what each failure is called. Must not: decide what a
+verdict or a failure does to a call (filters/risk_control.py does).
+
+The wire format is proto/meshproxy/risk/v1/risk.proto (meshproxy/codec/risk.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+from h2.errors import ErrorCodes
+
+from meshproxy import status
+from meshproxy.codec import grpc
+from meshproxy.codec.risk import (
+    ALLOW,
+    DENY,
+    GRPC_PATH,
+    JSON_PATH,
+    REVIEW,
+    VERDICTS,
+    BadReply,
+    CheckRequest,
+    Verdict,
+    decode_verdict,
+    decode_verdict_json,
+    encode_check,
+    encode_check_json,
+)
+from meshproxy.drivers.h2 import StreamReset
+from meshproxy.errors import ProxyError
+from meshproxy.upstream.cluster import Cluster
+
+__all__ = [
+    "ALLOW",
+    "DENY",
+    "GRPC_PATH",
+    "JSON_PATH",
+    "REVIEW",
+    "VERDICTS",
+    "CheckRequest",
+    "Guard",
+    "RiskClient",
+    "RiskFailure",
+    "Verdict",
+    "VerdictCache",
+    "cache_key",
+    "client_for",
+]
+
+log = logging.getLogger(__name__)
+
+TIMEOUT, UNAVAILABLE, BAD_REPLY, GUARD_OPEN = "timeout", "unavailable", "bad_reply", "guard_open"
+FAILURE_REASONS = (TIMEOUT, UNAVAILABLE, BAD_REPLY, GUARD_OPEN)
+# A CheckResponse is a verdict and a short reason; a reply past this is not one,
+# and reading it whole would let a broken risk service make us buffer anything.
+MAX_REPLY_BYTES = 64 * 1024
+_UNAVAILABLE_HTTP = (429, 502, 503, 504)
+_UNAVAILABLE_GRPC = (status.UNAVAILABLE, status.RESOURCE_EXHAUSTED)
+
+
+class RiskFailure(Exception):
+    """No verdict: `reason` is timeout | unavailable | bad_reply (a bounded metric label)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class RiskClient:
+    """Sends CheckRequests to the risk service's cluster, one HTTP/2 stream each."""
+
+    def __init__(self, cluster: Cluster, protocol: str, path: str, authority: str) -> None:
+        self.cluster = cluster
+        self.grpc = protocol == "grpc"
+        self._head: list[tuple[bytes, bytes]] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", authority.encode()),
+            (b":path", path.encode()),
+        ]
+        if self.grpc:
+            self._head += [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        else:
+            self._head += [(b"content-type", b"application/json"), (b"accept", b"application/json")]
+
+    async def check(self, request: CheckRequest, deadline: float) -> Verdict:
+        """The risk service's verdict, by the absolute trio time `deadline`; RiskFailure if none."""
+        if self.grpc:
+            body = grpc.frame_message(encode_check(request))
+            left = deadline - trio.current_time()
+            headers = [*self._head, (b"grpc-timeout", grpc.format_timeout(left))]
+        else:
+            body = encode_check_json(request)
+            headers = [*self._head, (b"content-length", str(len(body)).encode())]
+        if request.request_id:
+            headers.append((b"x-request-id", request.request_id.encode("latin-1", "replace")))
+        with trio.move_on_at(deadline):
+            try:
+                return await self._exchange(headers, body)
+            except ProxyError as e:  # no endpoint took the stream (down, overflow)
+                raise RiskFailure(UNAVAILABLE, e.message) from None
+            except StreamReset as e:
+                raise RiskFailure(UNAVAILABLE, str(e)) from None
+        raise RiskFailure(TIMEOUT)
+
+    async def _exchange(self, headers: list[tuple[bytes, bytes]], body: bytes) -> Verdict:
+        cluster = self.cluster
+        pool, link, stream = await cluster.open_stream(headers, False)
+        try:
+            await link.send_data(stream, body, True)
+            head = await stream.wait_head()
+            data = bytearray()
+            while chunk := await stream.read():
+                data += chunk
+                if len(data) > MAX_REPLY_BYTES:
+                    raise RiskFailure(BAD_REPLY, f"reply longer than {MAX_REPLY_BYTES} bytes")
+            stream.release()
+            return self._verdict(head, stream.trailers, bytes(data))
+        finally:
+            # As the proxy does with its upstream streams: a finished stream is
+            # forgotten, an unfinished one (timeout, bad reply) reset.
+            if stream.done:
+                link.forget(stream)
+            else:
+                link.reset(stream, ErrorCodes.CANCEL)
+            cluster.stream_done(pool)
+
+    def _verdict(self, head: list[tuple[bytes, bytes]], trailers: list[tuple[bytes, bytes]] | None,
+                 data: bytes) -> Verdict:
+        fields = dict(head)
+        http_status = int(fields.get(b":status", b"0"))
+        if http_status != 200:
+            reason = UNAVAILABLE if http_status in _UNAVAILABLE_HTTP else BAD_REPLY
+            raise RiskFailure(reason, f"HTTP status {http_status}")
+        try:
+            if not self.grpc:
+                return decode_verdict_json(data)
+            # Trailers-only replies (errors) carry grpc-status in the head.
+            code_text = dict(trailers).get(b"grpc-status") if trailers else fields.get(b"grpc-status")
+            code = int(code_text) if code_text is not None and code_text.isdigit() else -1
+            if code != status.OK:
+                message = grpc.decode_message(
+                    (dict(trailers) if trailers else fields).get(b"grpc-message", b""))
+                if code == status.DEADLINE_EXCEEDED:
+                    raise RiskFailure(TIMEOUT, f"grpc-status {code} {message}")
+                reason = UNAVAILABLE if code in _UNAVAILABLE_GRPC else BAD_REPLY
+                raise RiskFailure(reason, f"grpc-status {code} {message}".rstrip())
+            if len(data) < 5 or data[0] != 0 or int.from_bytes(data[1:5], "big") != len(data) - 5:
+                raise BadReply("expected one uncompressed gRPC message")
+            return decode_verdict(data[5:])
+        except BadReply as e:
+            raise RiskFailure(BAD_REPLY, str(e)) from None
+
+
+def client_for(clusters: Any, name: str, protocol: str, path: str, authority: str) -> RiskClient | None:
+    """The client for cluster `name` of a listener's clusters, or None (logged) if it cannot be one."""
+    cluster = clusters.get(name) if clusters is not None else None
+    if not isinstance(cluster, Cluster):
+        what = "is not defined" if cluster is None else "is not an http2 cluster"
+        log.error("risk_control: cluster %r %s: every check fails as unavailable", name, what)
+        return None
+    return RiskClient(cluster, protocol, path, authority)
+
+
+# -- the guard -------------------------------------------------------------------
+
+REFUSED, ADMITTED, PROBE = 0, 1, 2
+
+
+class Guard:
+    """A circuit breaker in front of the risk service.
+
+    Closed: every check goes out. After `failures` consecutive failures it is
+    open for `open_for` seconds: no check goes out (the caller applies its
+    failure mode at once). Then exactly one check goes out as a probe while
+    the others are still refused; its success closes the guard, its failure
+    opens it for another `open_for`. So a dead risk service costs at most one
+    timeout per interval, not one per call. The clock is passed in.
+    """
+
+    __slots__ = ("_failures", "_open_until", "_probing", "failures", "open_for")
+
+    def __init__(self, failures: int, open_for: float) -> None:
+        self.failures = failures
+        self.open_for = open_for
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self.failures
+
+    def admit(self, now: float) -> int:
+        """REFUSED, ADMITTED, or PROBE (the one check of a half-open guard)."""
+        if self._failures < self.failures:
+            return ADMITTED
+        if now < self._open_until or self._probing:
+            return REFUSED
+        self._probing = True
+        return PROBE
+
+    def record(self, admission: int, ok: bool, now: float) -> None:
+        if admission == PROBE:
+            self._probing = False
+        if ok:
+            self._failures = 0
+            return
+        self._failures += 1
+        if self._failures >= self.failures:
+            self._open_until = now + self.open_for
+
+    def abandon(self, admission: int) -> None:
+        """An admitted check ended with no outcome (cancelled): a probe may go again."""
+        if admission == PROBE:
+            self._probing = False
+
+
+# -- the verdict cache -------------------------------------------------------------
+
+
+class VerdictCache:
+    """Verdicts by key, each for `ttl` seconds, at most `max_entries` of them.
+
+    One TTL for all and a refreshed entry moved to the end keep the dict in
+    expiry order: the first entry is the oldest, so eviction and the purge of
+    expired entries are O(1) each. Keys are 16-byte digests (cache_key), so
+    an entry's size does not depend on the headers or body it stands for.
+    """
+
+    __slots__ = ("_entries", "max_entries", "ttl")
+
+    def __init__(self, ttl: float, max_entries: int) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, Verdict]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, now: float) -> Verdict | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._entries[key]
+            return None
+        return entry[1]
+
+    def put(self, key: bytes, verdict: Verdict, now: float) -> None:
+        entries = self._entries
+        entries.pop(key, None)
+        while entries:
+            first = next(iter(entries))
+            if len(entries) < self.max_entries and entries[first][0] > now:
+                break
+            del entries[first]  # the oldest: expired, or evicted to make room
+        entries[key] = (now + self.ttl, verdict)
+
+
+# The request fields a cache key may be made of; "header:NAME" picks one header.
+KEY_FIELDS = ("principal", "source_service", "source_unit", "destination_service", "method", "path", "protocol",
+              "headers", "body")
+
+
+def cache_key(request: CheckRequest, fields: Sequence[str]) -> bytes:
+    """A digest of the chosen fields of `request`, each length-prefixed so no two
+    different requests share the bytes that are hashed."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def add(data: bytes) -> None:
+        h.update(len(data).to_bytes(4, "big"))
+        h.update(data)
+
+    for name in fields:
+        if name == "headers" or name.startswith("header:"):
+            wanted = name[7:].encode() if name != "headers" else None
+            pairs = [(k, v) for k, v in request.headers if wanted is None or k == wanted]
+            add(len(pairs).to_bytes(4, "big"))
+            for k, v in pairs:
+                add(k)
+                add(v)
+        elif name == "body":
+            add(request.body)
+        else:
+            add(str(getattr(request, name)).encode())
+    return h.digest()
