@@ -245,7 +245,7 @@ def test_unknown_filter_name(tmp_path: Path) -> None:
     f, lines = problems(tmp_path, with_filters("      - name: faultt\n"))
     assert lines == [
         f"{f}: listeners[0].filters[0].name: unknown filter 'faultt' "
-        "(built-in: authz, fault, headers, mirror, ticket, unit_routing; or give module:Class)"
+        "(built-in: authz, fault, headers, mirror, risk_control, ticket, unit_routing; or give module:Class)"
     ]
 
 

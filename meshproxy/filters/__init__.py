@@ -16,6 +16,7 @@ from meshproxy.filters.base import Chain, Filter, FilterContext
 from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
 from meshproxy.filters.mirror import MirrorFilter
+from meshproxy.filters.risk_control import RiskControlFilter
 from meshproxy.filters.ticket import TicketFilter
 from meshproxy.filters.unit_routing import UnitRoutingFilter
 
@@ -26,6 +27,7 @@ FILTER_TYPES: dict[str, type[Filter]] = {
     UnitRoutingFilter.name: UnitRoutingFilter,
     TicketFilter.name: TicketFilter,
     AuthzFilter.name: AuthzFilter,
+    RiskControlFilter.name: RiskControlFilter,
 }
 
 ENTRY_POINT_GROUP = "meshproxy.filters"

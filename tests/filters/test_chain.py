@@ -21,6 +21,7 @@ from meshproxy.filters.base import CONTINUE, Chain, Continue, Filter, Options, R
 from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
 from meshproxy.filters.mirror import MirrorFilter
+from meshproxy.filters.risk_control import RiskControlFilter
 from meshproxy.filters.ticket import TicketFilter
 from meshproxy.filters.unit_routing import UnitRoutingFilter
 
@@ -421,7 +422,7 @@ def test_resolve_builtins() -> None:
     assert resolve("mirror") is MirrorFilter
     assert FILTER_TYPES == {
         "headers": HeadersFilter, "fault": FaultFilter, "mirror": MirrorFilter, "ticket": TicketFilter, "authz": AuthzFilter,
-        "unit_routing": UnitRoutingFilter,
+        "unit_routing": UnitRoutingFilter, "risk_control": RiskControlFilter,
     }
 
 
@@ -451,7 +452,7 @@ def test_unknown_name_lists_the_builtins() -> None:
     with pytest.raises(FilterOptionError) as info:
         resolve("ratelimit")
     assert info.value.key == "name"
-    assert info.value.message == "unknown filter 'ratelimit' (built-in: authz, fault, headers, mirror, ticket, unit_routing; or give module:Class)"
+    assert info.value.message == "unknown filter 'ratelimit' (built-in: authz, fault, headers, mirror, risk_control, ticket, unit_routing; or give module:Class)"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,514 @@
+"""risk_control: the guard, the cache and the options on their own; then end to
+end through the real proxy with real peers: a grpcio risk server
+(tests/peers/risk_peer.py) that allows, denies, holds and is down, a small
+HTTP/2 JSON risk server, grpcio and Apache thrift callers and backends.
+
+No test asserts a duration: "report mode does not wait" is shown by order
+(the call is answered while the risk server still holds its check).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+from thrift.Thrift import TApplicationException
+
+from meshproxy import risk
+from meshproxy.app import App
+from meshproxy.call import BytesBody, Call, EmptyBody, Peer, Protocol
+from meshproxy.config import ConfigError, load
+from meshproxy.filters import risk_control
+from meshproxy.filters.base import CONTINUE, FilterOptionError, Respond
+from meshproxy.filters.risk_control import RiskControlFilter
+from tests.h2client import H2Client
+from tests.harness import (
+    HOST,
+    eventually,
+    free_port,
+    listen_port,
+    metric,
+    start_backend,
+    start_proxy,
+    write_config,
+)
+from tests.peers.risk_peer import JsonRiskServer, RiskPolicy, grpc_risk_server
+from tests.peers.thrift_peer import ThriftServer, client
+from tests.test_grpc_e2e import UNARY, EchoService, grpc_server  # noqa: F401 (fixture)
+
+# -- the guard, on a clock the test moves --------------------------------------------
+
+
+def test_guard_opens_after_n_failures_then_lets_one_probe_through() -> None:
+    g = risk.Guard(failures=3, open_for=10.0)
+    for t in range(3):
+        assert g.admit(t) == risk.ADMITTED
+        g.record(risk.ADMITTED, False, t)
+    assert g.is_open
+    assert g.admit(5.0) == risk.REFUSED  # open: nothing goes out
+    assert g.admit(11.9) == risk.REFUSED  # 2 + 10 not yet reached
+    assert g.admit(12.0) == risk.PROBE  # the interval is over: one probe
+    assert g.admit(12.6) == risk.REFUSED  # while it is out, the others still fail at once
+    g.record(risk.PROBE, False, 13.0)  # the probe failed: open for another interval
+    assert g.admit(22.9) == risk.REFUSED
+    assert g.admit(23.0) == risk.PROBE
+    g.record(risk.PROBE, True, 23.1)  # it worked: closed
+    assert not g.is_open and g.admit(23.2) == risk.ADMITTED
+
+
+def test_guard_success_resets_the_count_and_a_cancelled_probe_frees_the_slot() -> None:
+    g = risk.Guard(failures=2, open_for=1.0)
+    g.record(risk.ADMITTED, False, 0)
+    g.record(risk.ADMITTED, True, 0)  # not consecutive: still closed
+    g.record(risk.ADMITTED, False, 0)
+    assert not g.is_open
+    g.record(risk.ADMITTED, False, 0)
+    assert g.admit(1.0) == risk.PROBE
+    g.abandon(risk.PROBE)  # the probing call was cancelled: no outcome
+    assert g.admit(1.0) == risk.PROBE
+
+
+# -- the cache -------------------------------------------------------------------------
+
+ALLOW = risk.Verdict("allow")
+
+
+def test_cache_expires_entries_and_stays_within_its_bound() -> None:
+    c = risk.VerdictCache(ttl=10.0, max_entries=3)
+    for i in range(5):
+        c.put(bytes([i]), ALLOW, now=float(i))
+        assert len(c) <= 3
+    assert c.get(b"\x00", 5.0) is None and c.get(b"\x01", 5.0) is None  # evicted, oldest first
+    assert c.get(b"\x04", 13.9) == ALLOW
+    assert c.get(b"\x04", 14.0) is None  # its ttl is over
+    c.put(b"\x02", risk.Verdict("deny"), now=20.0)  # expired ones are purged when room is needed
+    assert len(c) == 1
+
+
+def test_cache_key_uses_only_the_chosen_fields() -> None:
+    a = risk.CheckRequest(request_id="1", principal="p", path="/a", headers=((b"x-user", b"7"), (b"x-d", b"1")))
+    b = risk.CheckRequest(request_id="2", principal="p", path="/a", headers=((b"x-user", b"7"), (b"x-d", b"2")))
+    assert risk.cache_key(a, risk.KEY_FIELDS) != risk.cache_key(b, risk.KEY_FIELDS)  # x-d differs
+    assert risk.cache_key(a, ("principal", "header:x-user")) == risk.cache_key(b, ("principal", "header:x-user"))
+    # A header present with an empty value is not the header absent.
+    empty = risk.CheckRequest(headers=((b"x-user", b""),))
+    assert risk.cache_key(empty, ("header:x-user",)) != risk.cache_key(risk.CheckRequest(), ("header:x-user",))
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "key", "says"), [
+    ({}, "cluster", "required"),
+    ({"mode": "audit"}, "mode", "enforce, report"),
+    ({"timeout": "0s"}, "timeout", "above 0s"),
+    ({"timeout": "5 minutes"}, "timeout", "duration"),
+    ({"failure_mode": "open"}, "failure_mode", "allow, deny"),
+    ({"protocol": "http"}, "protocol", "grpc, json"),
+    ({"path": "/x"}, "path", "only with protocol: json"),
+    ({"protocol": "json", "path": "x"}, "path", "starting with '/'"),
+    ({"headers": ["x-a", ":path"]}, "headers", "[1]"),
+    ({"body_bytes": "2MiB"}, "body_bytes", "at most"),
+    ({"sample": 1.5}, "sample", "from 0 to 1"),
+    ({"cache": {"ttl": "0s"}}, "cache.ttl", "above 0s"),
+    ({"cache": {"max_entries": 0}}, "cache.max_entries", "from 1"),
+    ({"cache": {"key": ["principal", "colour"]}}, "cache.key", "[1]: unknown field 'colour'"),
+    ({"cache": {"key": ["header:x-user"]}}, "cache.key[0]", "not in headers"),
+    ({"cache": {"key": ["body"]}}, "cache.key", "body_bytes is 0"),
+    ({"cache": {"size": 5}}, "cache.size", "unknown option"),
+    ({"report_queue": 0}, "report_queue", "from 1"),
+    ({"guard": {"failures": 0}}, "guard.failures", "from 1"),
+    ({"guard": {"open_for": "never"}}, "guard.open_for", "duration"),
+    ({"retries": 2}, "retries", "unknown option"),
+])
+def test_bad_options_name_the_key(options: dict[str, Any], key: str, says: str) -> None:
+    with pytest.raises(FilterOptionError) as e:
+        RiskControlFilter.from_options({"cluster": "risk", **options} if options else {})
+    assert e.value.key == key and says in e.value.message, (e.value.key, e.value.message)
+
+
+def test_config_error_has_the_key_path(tmp_path: Path) -> None:
+    text = CONFIG.format(direction="egress", protocol="http2", thrift="", match="{prefix: /}", backend=1, risk=2,
+                         access_log="{enabled: false}",
+                         filter="{name: risk_control, cluster: risk, guard: {failures: -1}, cache: {ttl: 1 hour}}")
+    with pytest.raises(ConfigError) as e:
+        load(str(write_config(tmp_path, text)))
+    assert any("listeners[0].filters[0].cache.ttl: expected a duration" in line for line in e.value.lines)
+
+
+# -- what a check says about a call --------------------------------------------------------
+
+
+def call_with(headers: list[tuple[bytes, bytes]], body: Any = None, protocol: Protocol = Protocol.GRPC) -> Call:
+    return Call(1, protocol, Peer("127.0.0.1:1", identity="spiffe://mesh/sa/web"), "test", "ingress",
+                "api.comment:8080", "POST", "/echo.Echo/Unary", headers, body or EmptyBody(), 0.0,
+                request_id="rid-1")
+
+
+class FakeStreamBody:
+    """What the proxy hands a filter for HTTP/2: a body with a receive buffer (chunks)."""
+
+    def __init__(self, chunks: list[bytes], ended: bool) -> None:
+        self.chunks = collections.deque((c, len(c)) for c in chunks)
+        self.ended = ended
+        self.trailers = None
+
+    async def read(self) -> bytes:
+        raise AssertionError("the filter must not read (and so wait for) the body")
+
+    def release(self) -> None:
+        pass
+
+
+async def test_check_request_fields_and_body_prefix() -> None:
+    f = RiskControlFilter.from_options({"cluster": "risk", "headers": ["x-user", "X-Device"], "body_bytes": 6})
+    f.listener, f.direction = "test", "ingress"
+    headers = [(b"x-user", b"7"), (b"x-mesh-unit", b"u2"), (b"tt.from_service", b"web"), (b"x-other", b"no"),
+               (b"x-device", b"d")]
+    r = await f.check_request(call_with(headers, FakeStreamBody([b"abcd", b"efgh"], ended=True)))
+    assert (r.request_id, r.principal, r.source_service, r.source_unit) == ("rid-1", "spiffe://mesh/sa/web", "web", "u2")
+    assert (r.destination_service, r.method, r.path, r.protocol) == ("api.comment", "Unary", "/echo.Echo/Unary", "grpc")
+    assert r.headers == ((b"x-user", b"7"), (b"x-device", b"d"))
+    assert (r.body, r.body_truncated) == (b"abcdef", True)
+    # A body still arriving: what is buffered, flagged; never a wait.
+    r = await f.check_request(call_with([], FakeStreamBody([b"ab"], ended=False)))
+    assert (r.body, r.body_truncated) == (b"ab", True)
+    r = await f.check_request(call_with([], FakeStreamBody([b"abc", b"def"], ended=True)))
+    assert (r.body, r.body_truncated) == (b"abcdef", False)
+    # Thrift: the message is put back whole for the proxy.
+    c = call_with([], BytesBody(b"0123456789"), Protocol.THRIFT)
+    r = await f.check_request(c)
+    assert (r.body, r.body_truncated) == (b"012345", True) and await c.body.read() == b"0123456789"
+
+
+async def test_an_unbound_filter_fails_its_checks_by_its_failure_mode() -> None:
+    # No cluster (config checks build filters unbound): unavailable -> failure_mode.
+    open_ = RiskControlFilter.from_options({"cluster": "risk"})
+    c = call_with([])
+    assert await open_.on_request(c) is CONTINUE
+    assert c.log_fields == {"risk": "fail_open", "risk_reason": "unavailable"}
+    closed = RiskControlFilter.from_options({"cluster": "risk", "failure_mode": "deny"})
+    verdict = await closed.on_request(call_with([]))
+    assert isinstance(verdict, Respond) and verdict.status == 403 and verdict.reason == "risk_failed"
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+CONFIG = """\
+node: {{service: api, unit: u1}}
+admin: {{address: "127.0.0.1:0"}}
+access_log: {access_log}
+listeners:
+  - name: test
+    direction: {direction}
+    address: "127.0.0.1:0"
+    protocol: {protocol}{thrift}
+    filters:
+      - {filter}
+    routes:
+      - match: {match}
+        cluster: backend
+clusters:
+  - {{name: backend, protocol: {protocol}, endpoints: ["127.0.0.1:{backend}"]}}
+  - {{name: risk, protocol: http2, endpoints: ["127.0.0.1:{risk}"]}}
+"""
+
+
+def risk_filter(**options: Any) -> str:
+    return json.dumps({"name": "risk_control", "cluster": "risk", "headers": ["x-risk", "x-user"], **options})
+
+
+async def start(nursery: trio.Nursery, tmp_path: Path, backend: int, risk_port: int, *,
+                listener_protocol: str = "http2", access_log: str = "{enabled: false}", direction: str = "ingress",
+                **options: Any) -> App:
+    """The proxy with one listener (risk_control, then a route to `backend`) and the risk cluster."""
+    thrift = "\n    thrift: {transport: auto}" if listener_protocol == "thrift" else ""
+    match = "{}" if listener_protocol == "thrift" else "{prefix: /}"
+    text = CONFIG.format(direction=direction, protocol=listener_protocol, thrift=thrift, match=match, backend=backend,
+                         risk=risk_port, access_log=access_log, filter=risk_filter(**options))
+    return await start_proxy(nursery, write_config(tmp_path, text))
+
+
+def the_filter(app: App) -> RiskControlFilter:
+    f = app.listeners["test"].proxy.state.chain.filters[0]
+    assert isinstance(f, RiskControlFilter)
+    return f
+
+
+def grpc_calls(port: int, risks: list[str | None], timeout: float = 10.0, user: str = "7") -> list[str]:
+    """One unary call per entry (its x-risk header); the reply or the status code's name."""
+    out = []
+    with grpc.insecure_channel(f"{HOST}:{port}") as ch:
+        for r in risks:
+            md = (("x-user", user),) + ((("x-risk", r),) if r is not None else ())
+            try:
+                out.append(ch.unary_unary(UNARY)(b"hi", metadata=md, timeout=timeout).decode())
+            except grpc.RpcError as e:
+                out.append(e.code().name)
+    return out
+
+
+def grpc_call_details(port: int, risk_value: str) -> tuple[str, str]:
+    with grpc.insecure_channel(f"{HOST}:{port}") as ch:
+        try:
+            ch.unary_unary(UNARY)(b"hi", metadata=(("x-risk", risk_value),), timeout=10)
+        except grpc.RpcError as e:
+            return e.code().name, e.details() or ""
+    return "OK", ""
+
+
+@pytest.fixture
+def policy() -> RiskPolicy:
+    return RiskPolicy()
+
+
+@pytest.fixture
+def backend(grpc_server: tuple[int, EchoService]) -> int:  # noqa: F811
+    """The port of a grpcio echo server (tests/test_grpc_e2e.py) standing for the app."""
+    return grpc_server[0]
+
+
+@pytest.fixture
+def risk_server(policy: RiskPolicy) -> Iterator[int]:
+    with grpc_risk_server(policy) as (port, _):
+        yield port
+
+
+def verdicts(app: App, verdict: str, mode: str = "enforce") -> float:
+    return metric(app, "meshproxy_risk_verdicts_total", listener="test", mode=mode, verdict=verdict)
+
+
+def failures(app: App, reason: str) -> float:
+    return metric(app, "meshproxy_risk_failures_total", listener="test", reason=reason)
+
+
+async def test_enforce_allows_denies_and_reviews(nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy,
+                                                 risk_server: int, backend: int) -> None:
+    log_path = tmp_path / "access.log"
+    app = await start(nursery, tmp_path, backend, risk_server, access_log=f"{{enabled: true, path: '{log_path}'}}")
+    port = listen_port(app)
+    got = await trio.to_thread.run_sync(grpc_calls, port, [None, "deny", "review", None])
+    assert got == ["hi", "PERMISSION_DENIED", "hi", "hi"]
+    assert policy.seen == 4
+    assert (verdicts(app, "allow"), verdicts(app, "deny"), verdicts(app, "review")) == (2, 1, 1)
+    # The reason code goes to the access log, never to the caller.
+    code, details = await trio.to_thread.run_sync(grpc_call_details, port, "deny")
+    assert code == "PERMISSION_DENIED" and "test_deny" not in details and details == "denied by risk control"
+
+    def logged() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+
+    await eventually(lambda: len(logged()) == 5, timeout=5)
+    denied = [e for e in logged() if e.get("risk") == "deny"]
+    assert len(denied) == 2 and all(e["risk_reason"] == "test_deny" and e["reason"] == "risk_denied" for e in denied)
+    assert [e.get("risk_reason") for e in logged() if e.get("risk") == "review"] == ["test_review"]
+    assert metric(app, "meshproxy_risk_check_seconds_count", listener="test") == 5
+
+
+async def test_the_check_carries_the_call(nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy,
+                                          risk_server: int) -> None:
+    origin = await start_backend(nursery)
+    app = await start(nursery, tmp_path, origin.port, risk_server, body_bytes=8)
+    h2 = await H2Client.connect(listen_port(app))
+    sid = h2.request("/echo", "POST", [(b"x-request-id", b"req-42"), (b"x-user", b"7"), (b"x-mesh-unit", b"u9"),
+                                       (b"x-secret", b"not sent")], end=False)
+    h2.conn.send_data(sid, b"0123456789abcdef", end_stream=True)
+    await h2.flush()  # headers and body in one write: the body is buffered when the filter runs
+    status, _, body, _ = await h2.response(sid)
+    assert (status, body) == (200, b"0123456789abcdef")
+    (r,) = policy.requests
+    assert (r.request_id, r.source_unit, r.destination_service, r.method, r.path, r.protocol) == (
+        "req-42", "u9", "test.local", "POST", "/echo", "http2")
+    assert [(h.name, h.value) for h in r.headers] == [("x-user", b"7")]
+    assert (r.body, r.body_truncated, r.listener, r.direction, r.mode) == (b"01234567", True, "test", "ingress",
+                                                                         "enforce")
+    await h2.aclose()
+
+
+@pytest.mark.parametrize("failure_mode", ["allow", "deny"])
+async def test_a_slow_risk_service_times_out_into_the_failure_mode(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int,
+    backend: int, failure_mode: str,
+) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server, timeout="200ms", failure_mode=failure_mode)
+    got = await trio.to_thread.run_sync(grpc_calls, listen_port(app), ["hold"])
+    assert got == (["hi"] if failure_mode == "allow" else ["PERMISSION_DENIED"])
+    assert policy.answered == 0  # the check was still held when the call got its answer
+    assert failures(app, "timeout") == 1
+    counter = "meshproxy_risk_fail_open_total" if failure_mode == "allow" else "meshproxy_risk_fail_closed_total"
+    assert metric(app, counter, listener="test") == 1
+
+
+@pytest.mark.parametrize("failure_mode", ["allow", "deny"])
+async def test_a_stopped_risk_service_is_unavailable(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, backend: int,
+    failure_mode: str,
+) -> None:
+    with grpc_risk_server(policy) as (risk_port, server):
+        app = await start(nursery, tmp_path, backend, risk_port, failure_mode=failure_mode, timeout="2s")
+        port = listen_port(app)
+        assert await trio.to_thread.run_sync(grpc_calls, port, ["deny"]) == ["PERMISSION_DENIED"]
+        server.stop(0).wait()
+        got = await trio.to_thread.run_sync(grpc_calls, port, [None, None])
+    assert got == (["hi", "hi"] if failure_mode == "allow" else ["PERMISSION_DENIED"] * 2)
+    assert failures(app, "unavailable") == 2
+
+
+async def test_the_guard_stops_calling_a_hanging_service(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    policy.hold_all = True
+    app = await start(nursery, tmp_path, backend, risk_server, timeout="100ms",
+                      guard={"failures": 2, "open_for": "60s"})
+    got = await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None] * 8)
+    assert got == ["hi"] * 8
+    # Two checks reached the service and timed out; the guard answered the other six at once.
+    assert policy.seen == 2
+    assert (failures(app, "timeout"), failures(app, "guard_open")) == (2, 6)
+    assert metric(app, "meshproxy_risk_fail_open_total", listener="test") == 8
+
+
+async def test_a_timeout_set_by_the_calls_own_deadline_does_not_trip_the_guard(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server, timeout="10s", guard={"failures": 1})
+    port = listen_port(app)
+    # The caller allows 300ms, the filter 10s: the call's deadline bounds the check.
+    assert await trio.to_thread.run_sync(lambda: grpc_calls(port, ["hold"], timeout=0.3)) == ["DEADLINE_EXCEEDED"]
+    assert not the_filter(app).guard.is_open
+    assert await trio.to_thread.run_sync(grpc_calls, port, ["deny"]) == ["PERMISSION_DENIED"]  # still asked
+    assert policy.seen == 2
+
+
+async def test_the_cache_answers_identical_calls(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server,
+                      cache={"ttl": "60s", "key": ["principal", "path", "header:x-risk", "header:x-user"]})
+    port = listen_port(app)
+    assert await trio.to_thread.run_sync(grpc_calls, port, [None, None, "deny", "deny"]) == [
+        "hi", "hi", "PERMISSION_DENIED", "PERMISSION_DENIED"]
+    assert policy.seen == 2  # the second of each pair came from the cache
+    assert await trio.to_thread.run_sync(lambda: grpc_calls(port, [None], user="8")) == ["hi"]  # another key
+    assert policy.seen == 3
+    hits = metric(app, "meshproxy_risk_cache_lookups_total", listener="test", result="hit")
+    assert (hits, metric(app, "meshproxy_risk_cache_lookups_total", listener="test", result="miss")) == (2, 3)
+    assert verdicts(app, "deny") == 2  # cached verdicts count as verdicts
+
+
+async def test_report_mode_answers_the_call_while_the_check_is_held(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s")
+    port = listen_port(app)
+    assert await trio.to_thread.run_sync(grpc_calls, port, ["hold"]) == ["hi"]
+    # The check reaches the service, which holds it: the call was answered before any verdict.
+    await eventually(lambda: policy.seen == 1, timeout=5)
+    assert policy.answered == 0 and verdicts(app, "allow", "report") == 0
+    # A deny in report mode is counted, not enforced.
+    assert await trio.to_thread.run_sync(grpc_calls, port, ["deny"]) == ["hi"]
+    await eventually(lambda: verdicts(app, "deny", "report") == 1, timeout=5)
+    policy.release.set()
+    await eventually(lambda: verdicts(app, "allow", "report") == 1, timeout=5)
+    assert metric(app, "meshproxy_risk_fail_open_total", listener="test") == 0
+
+
+async def test_report_mode_drops_checks_when_its_queue_is_full(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    policy.hold_all = True
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
+                      report_queue=1, report_concurrency=1)
+    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None] * 5) == ["hi"] * 5
+    dropped = metric(app, "meshproxy_risk_report_dropped_total", listener="test")
+    assert dropped >= 2  # one check in flight, one queued: the rest had no room
+    policy.release.set()
+    f = the_filter(app)
+    with trio.fail_after(10):
+        await f.reports_sent()
+    assert policy.seen + dropped == 5 and verdicts(app, "allow", "report") == policy.seen
+
+
+async def test_report_senders_end_after_a_reload_removes_the_filter(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(risk_control, "IDLE_EXIT", 0.05)
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report")
+    port = listen_port(app)
+    assert await trio.to_thread.run_sync(grpc_calls, port, [None, "deny"]) == ["hi", "hi"]
+    old = the_filter(app)
+    await eventually(lambda: verdicts(app, "deny", "report") == 1, timeout=5)
+    text = Path(app.config.source).read_text().replace(risk_filter(mode="report"), '{"name": "headers"}')
+    Path(app.config.source).write_text(text)
+    assert await app.reload()
+    assert await trio.to_thread.run_sync(grpc_calls, port, ["deny"]) == ["hi"]
+    assert policy.seen == 2  # the new chain has no risk_control
+    reporter = old._reporter
+    assert reporter is not None
+    await eventually(lambda: reporter.senders == 0, timeout=5)  # idle senders ended by themselves
+
+
+async def test_sampling_none_sends_no_check(nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy,
+                                            risk_server: int, backend: int) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server, sample=0)
+    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), ["deny", "deny"]) == ["hi", "hi"]
+    assert policy.seen == 0
+
+
+async def test_a_reply_without_a_verdict_is_a_bad_reply(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server, failure_mode="deny")
+    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), ["bad", "fail"]) == ["PERMISSION_DENIED"] * 2
+    assert (failures(app, "bad_reply"), failures(app, "unavailable")) == (1, 1)
+
+
+async def test_json_mode_against_an_http2_json_server(nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy,
+                                                      backend: int) -> None:
+    server = JsonRiskServer(policy, path="/risk/v2/check")
+    risk_port = await nursery.start(server.serve)
+    app = await start(nursery, tmp_path, backend, risk_port, protocol="json", path="/risk/v2/check",
+                      failure_mode="deny")
+    got = await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None, "deny", "review", "fail"])
+    assert got == ["hi", "PERMISSION_DENIED", "hi", "PERMISSION_DENIED"]
+    assert [r.method for r in policy.requests] == ["Unary"] * 4  # parsed by json_format: the proto3 JSON mapping
+    assert set(server.content_types) == {b"application/json"}
+    assert (verdicts(app, "review"), failures(app, "unavailable")) == (1, 1)
+
+
+async def test_thrift_calls_allowed_and_denied(nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy,
+                                               risk_server: int) -> None:
+    with ThriftServer("framed", "binary") as origin:
+        app = await start(nursery, tmp_path, origin.port, risk_server, listener_protocol="thrift", body_bytes=64)
+        port = listen_port(app)
+
+        def calls() -> list[str]:
+            out = []
+            for value in (b"ok", b"deny"):
+                with client(port, "header", headers={b"x-risk": value}) as c:
+                    try:
+                        out.append(c.echo(b"hello").decode())
+                    except TApplicationException as e:
+                        out.append(f"exception: {e.message}")
+            return out
+
+        got = await trio.to_thread.run_sync(calls)
+    assert got == ["hello", "exception: denied by risk control"]
+    first = policy.requests[0]
+    assert (first.protocol, first.method, first.path.rpartition("/")[2]) == ("thrift", "echo", "echo")
+    assert b"echo" in first.body and [(h.name, h.value) for h in first.headers] == [("x-risk", b"ok")]
+    assert verdicts(app, "deny") == 1
+
+
+async def test_an_unknown_cluster_fails_every_check(nursery: trio.Nursery, tmp_path: Path,
+                                                    backend: int) -> None:
+    app = await start(nursery, tmp_path, backend, free_port(), cluster="nope")
+    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None]) == ["hi"]  # failure_mode: allow
+    assert failures(app, "unavailable") == 1
