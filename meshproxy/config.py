@@ -832,7 +832,9 @@ def _endpoint(r: _Reader, raw: object) -> Address:
     return address
 
 
-FilterValidator = Callable[[FilterSpec], None]
+# Builds a filter from its spec (FilterOptionError for bad options); the filter
+# says which clusters it names (`clusters_named()`), checked like a route's.
+FilterValidator = Callable[[FilterSpec], Any]
 
 
 def parse(raw: object, source: str, validate_filter: FilterValidator | None = None) -> Config:
@@ -952,28 +954,30 @@ def _cross_check(
                 _check_route_cluster(r, lst, key, cluster_name, known, by_name)
         if validate_filter is None:
             continue
-        for fi, spec in zip(p.filter_index, lst.filters, strict=True):
+        specs = [(f"listeners[{li}].filters[{fi}]", spec) for fi, spec in zip(p.filter_index, lst.filters, strict=True)]
+        specs += [(f"listeners[{li}].routes[{ri}].filters[{fi}]", spec)
+                  for ri, route in zip(p.route_index, lst.routes, strict=True) for fi, spec in enumerate(route.filters)]
+        for where, spec in specs:
             try:
-                validate_filter(spec)
+                built = validate_filter(spec)
             except FilterOptionError as e:
-                key = f"listeners[{li}].filters[{fi}]" + (f".{e.key}" if e.key else "")
-                r.problem(e.message, key)
-        for ri, route in zip(p.route_index, lst.routes, strict=True):
-            for fi, spec in enumerate(route.filters):
-                try:
-                    validate_filter(spec)
-                except FilterOptionError as e:
-                    key = f"listeners[{li}].routes[{ri}].filters[{fi}]" + (f".{e.key}" if e.key else "")
-                    r.problem(e.message, key)
+                r.problem(e.message, where + (f".{e.key}" if e.key else ""))
+                continue
+            named = getattr(built, "clusters_named", None)
+            for key, cluster_name, protocol in named() if named is not None else ():
+                _check_route_cluster(r, lst, f"{where}.{key}", cluster_name, known, by_name, protocol)
 
 
 def _check_route_cluster(r: _Reader, lst: Listener, key: str, cluster_name: str, known: list[str],
-                         by_name: dict[str, Cluster]) -> None:
+                         by_name: dict[str, Cluster], protocol: str | None = None) -> None:
     if cluster_name not in known:
         r.problem(f"unknown cluster '{cluster_name}' (known: {', '.join(known) or 'none'})", key)
         return
     target = by_name[cluster_name]
-    if target.protocol != lst.protocol:
+    if protocol is not None:
+        if target.protocol != protocol:
+            r.problem(f"cluster '{target.name}' speaks {target.protocol}; this needs {protocol}", key)
+    elif target.protocol != lst.protocol:
         r.problem(f"cluster '{target.name}' speaks {target.protocol}, this listener {lst.protocol}", key)
     elif lst.protocol == "thrift" and "auto" not in (lst.thrift.protocol, target.thrift.protocol) \
             and lst.thrift.protocol != target.thrift.protocol:

@@ -31,7 +31,6 @@ from tests.h2client import H2Client
 from tests.harness import (
     HOST,
     eventually,
-    free_port,
     listen_port,
     metric,
     start_backend,
@@ -507,8 +506,13 @@ async def test_thrift_calls_allowed_and_denied(nursery: trio.Nursery, tmp_path: 
     assert verdicts(app, "deny") == 1
 
 
-async def test_an_unknown_cluster_fails_every_check(nursery: trio.Nursery, tmp_path: Path,
-                                                    backend: int) -> None:
-    app = await start(nursery, tmp_path, backend, free_port(), cluster="nope")
-    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None]) == ["hi"]  # failure_mode: allow
-    assert failures(app, "unavailable") == 1
+def test_an_unknown_or_non_http2_cluster_is_a_config_error(tmp_path: Path) -> None:
+    for cluster, says in (("nope", "unknown cluster 'nope'"), ("backend", None)):
+        text = CONFIG.format(direction="ingress", protocol="http2", thrift="", match="{prefix: /}", backend=1,
+                             risk=2, access_log="{enabled: false}", filter=risk_filter(cluster=cluster))
+        if says is None:
+            load(str(write_config(tmp_path, text)))  # an http2 cluster: fine
+            continue
+        with pytest.raises(ConfigError) as e:
+            load(str(write_config(tmp_path, text)))
+        assert f"listeners[0].filters[0].cluster: {says}" in "\n".join(e.value.lines)

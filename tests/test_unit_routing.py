@@ -135,6 +135,21 @@ def test_config_error_has_the_key_path(tmp_path: Path) -> None:
     assert "listeners[0].filters[0].fallback: unit 'c' has no entry in targets" in "\n".join(e.value.lines)
 
 
+def test_clusters_named_by_filters_are_checked(tmp_path: Path) -> None:
+    def problems(filter_text: str) -> str:
+        text = CONFIG.format(port_a=1, port_b=2, protocol="http2", thrift="", match="{prefix: /}", filter=filter_text)
+        with pytest.raises(ConfigError) as e:
+            load(str(write_config(tmp_path, text)))
+        return "\n".join(e.value.lines)
+
+    unit = problems("{name: unit_routing, key: {header: k}, table: {'1': a}, targets: {a: backend-z}}")
+    assert "listeners[0].filters[0].targets.a: unknown cluster 'backend-z'" in unit
+    gray = problems("{name: unit_routing, key: {header: k}, table: {'1': a}, targets: {a: backend-a}, "
+                    "gray: {a: {target: nope, percent: 5}}}")
+    assert "listeners[0].filters[0].gray.a.target: unknown cluster 'nope'" in gray
+    assert "listeners[0].filters[0].cluster: unknown cluster 'risk'" in problems("{name: risk_control, cluster: risk}")
+
+
 def test_a_10000_entry_table_is_one_lookup() -> None:
     table = {str(i): ("a" if i % 2 else "b") for i in range(10_000)}
     f = make(table=table)

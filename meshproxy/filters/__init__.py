@@ -69,8 +69,8 @@ def build(spec: FilterSpec, context: FilterContext | None = None) -> Filter:
     return f
 
 
-def validate_spec(spec: FilterSpec) -> None:
-    build(spec)
+def validate_spec(spec: FilterSpec) -> Filter:
+    return build(spec)
 
 
 def build_chain(specs: tuple[FilterSpec, ...], context: FilterContext | None = None) -> Chain:

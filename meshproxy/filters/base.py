@@ -94,6 +94,11 @@ class Filter:
     async def on_request(self, call: Call) -> Continue | Respond:
         return CONTINUE
 
+    def clusters_named(self) -> list[tuple[str, str, str | None]]:
+        """The clusters this filter's options name, for the config's cross-checks:
+        (option key, cluster name, the protocol it must speak, or None for the listener's)."""
+        return []
+
     async def on_response(self, call: Call, response: Response) -> None:
         return None
 

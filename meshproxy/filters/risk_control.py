@@ -217,6 +217,9 @@ class RiskControlFilter(Filter):
         return cls(cluster, mode, timeout, failure_mode, protocol, path, authority, headers, body_bytes, sample,
                    unit_header, cache, report_queue, report_concurrency, guard)
 
+    def clusters_named(self) -> list[tuple[str, str, str | None]]:
+        return [("cluster", self.cluster, "http2")]  # checks are HTTP/2 (gRPC or JSON), whatever the listener
+
     def bind(self, context: FilterContext) -> None:
         self.listener = context.listener
         self.direction = context.direction

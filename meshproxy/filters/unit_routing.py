@@ -151,6 +151,11 @@ class UnitRoutingFilter(Filter):
                 log.error("listener %s: unit_routing names cluster %r, which the config does not define",
                           context.listener, name)
 
+    def clusters_named(self) -> list[tuple[str, str, str | None]]:
+        named: list[tuple[str, str, str | None]] = [(f"targets.{u}", c, None) for u, c in self.targets.items()]
+        named += [(f"gray.{u}.target", t, None) for u, (t, _) in self.gray.items()]
+        return named
+
     # -- per call
 
     async def on_request(self, call: Call) -> Continue | Respond:
