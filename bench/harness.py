@@ -37,7 +37,7 @@ LOAD_CPU = 1  # the origin and h2load
 SIZES = {"small": 100, "16k": 16 * 1024}
 
 TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "meshproxy-mirror-redis",
-           "meshproxy-mirror-stalled", "meshproxy-authz", "meshproxy-unit", "naive", "nginx", "haproxy",
+           "meshproxy-mirror-stalled", "meshproxy-authz", "meshproxy-unit", "meshproxy-risk", "meshproxy-risk-report", "naive", "nginx", "haproxy",
            "direct-tls", "meshproxy-tls", "nginx-tls"]
 DESCRIPTIONS = {
     "direct": "h2load -> origin (no proxy)",
@@ -49,6 +49,9 @@ DESCRIPTIONS = {
                                 "once the proxy is up: the queue fills, then records drop",
     "meshproxy-authz": "meshproxy, metrics on, authz filter with 50 rules, the last one matching",
     "meshproxy-unit": "meshproxy, metrics on, unit_routing with a 10,000-entry table (h2load sends x-user-id: 4242)",
+    "meshproxy-risk": "meshproxy, metrics on, risk_control enforce (JSON, 50 ms timeout) against a fixed verdict "
+                      "served by the origin nginx",
+    "meshproxy-risk-report": "the same in report mode",
     "naive": "naive trio + h2 forwarder (bench/naive_forwarder.py)",
     "direct-tls": "h2load -> origin over TLS (no proxy)",
     "meshproxy-tls": "meshproxy, TLS from h2load (TLS 1.3; h2load sends no client certificate), "
@@ -207,6 +210,9 @@ def origin_conf(d: Path, port: int, tls_port: int) -> str:
     root {d}/www;
     location = /small {{ }}
     location = /16k {{ }}
+    # A risk service for the risk_control targets: a fixed JSON verdict for a POST
+    # (nginx answers POST on a static file with 405; error_page turns that into the file).
+    location = /v1/risk/check {{ default_type application/json; error_page 405 =200 $uri; }}
     location / {{ return 404; }}
   }}
   server {{
@@ -316,17 +322,23 @@ def unit_table(n: int) -> str:
             f"table: {{{table}}}, default: u0, targets: {{u0: origin, u1: origin, u2: origin, u3: origin}}}}\n")
 
 
+def risk_filter(mode: str) -> str:
+    return (f"    filters:\n      - {{name: risk_control, cluster: risk, mode: {mode}, timeout: 50ms, "
+            "failure_mode: allow, protocol: json}\n")
+
+
 # Request headers h2load adds for a target (the unit routing key).
 TARGET_HEADERS = {"meshproxy-unit": ["-H", "x-user-id: 4242"]}
 
 
 def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None, mirror: str | None = None,
-                   tls_dir: Path | None = None, filters: str = "") -> str:
+                   tls_dir: Path | None = None, filters: str = "", risk: int = 0) -> str:
     log = f"{{enabled: true, path: {access_log}}}" if access_log else "{enabled: false}"
     mirror_top = f"mirror: {{sink: {mirror}, queue_size: 20000}}\n" if mirror else ""
     filters = filters or ("    filters:\n      - {name: mirror, sample: 1.0, max_body_bytes: 65536, "
                           "capture_response: true}\n" if mirror else "")
     listener_tls = cluster_tls = ""
+    risk_cluster = f"  - name: risk\n    protocol: http2\n    endpoints: [\"127.0.0.1:{risk}\"]\n" if risk else ""
     if tls_dir is not None:
         listener_tls = f"    tls: {{mode: strict, cert: {tls_dir}/server.pem, key: {tls_dir}/server-key.pem}}\n"
         cluster_tls = (f"    tls: {{mode: mutual, cert: {tls_dir}/client.pem, key: {tls_dir}/client-key.pem, "
@@ -347,7 +359,7 @@ clusters:
   - name: origin
     protocol: http2
     endpoints: ["127.0.0.1:{origin}"]
-{cluster_tls}"""
+{cluster_tls}{risk_cluster}"""
 
 
 def meshproxy_argv(conf: Path) -> list[str]:
@@ -393,6 +405,10 @@ class Bench:
         www.mkdir()
         for name, size in SIZES.items():
             (www / name).write_bytes(body(size))
+        (www / "v1" / "risk").mkdir(parents=True)
+        (www / "v1" / "risk" / "check").write_bytes(b'{"verdict": "ALLOW", "reason": "bench"}')
+        for d in (www / "v1", www / "v1" / "risk"):
+            d.chmod(0o755)
         www.chmod(0o755)
         self.certs = devcerts.write(self.dir / "certs", server="origin", client="bench")
 
@@ -538,8 +554,11 @@ class Bench:
             tls_dir = self.dir / "certs" if target == "meshproxy-tls" else None
             upstream = origin.tls_port if tls_dir else origin.port
             filters = (authz_rules(50) if target == "meshproxy-authz"
-                       else unit_table(10_000) if target == "meshproxy-unit" else "")
-            conf.write_text(meshproxy_conf(port, admin, upstream, log, sink, tls_dir, filters))
+                       else unit_table(10_000) if target == "meshproxy-unit"
+                       else risk_filter("report" if target.endswith("report") else "enforce")
+                       if target.startswith("meshproxy-risk") else "")
+            risk = origin.port if target.startswith("meshproxy-risk") else 0
+            conf.write_text(meshproxy_conf(port, admin, upstream, log, sink, tls_dir, filters, risk))
             svc = self.start(target, meshproxy_argv(conf), port, PROXY_CPU, admin=admin)
             if tls_dir:
                 svc.scheme = "https"
