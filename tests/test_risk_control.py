@@ -506,7 +506,7 @@ async def test_thrift_calls_allowed_and_denied(nursery: trio.Nursery, tmp_path: 
     assert verdicts(app, "deny") == 1
 
 
-def test_an_unknown_or_non_http2_cluster_is_a_config_error(tmp_path: Path) -> None:
+def test_an_unknown_cluster_is_a_config_error_and_an_http2_one_is_not(tmp_path: Path) -> None:
     for cluster, says in (("nope", "unknown cluster 'nope'"), ("backend", None)):
         text = CONFIG.format(direction="ingress", protocol="http2", thrift="", match="{prefix: /}", backend=1,
                              risk=2, access_log="{enabled: false}", filter=risk_filter(cluster=cluster))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 
 from meshproxy.codec import protobuf as pb
@@ -26,8 +27,15 @@ _VERDICT_BY_NAME = {
     **{v.upper(): v for v in VERDICTS},
     **{v: v for v in VERDICTS},
 }
-# A reason code goes to the access log: a long one is cut, never trusted to be short.
+# A reason code goes to the access log and log lines: a long one is cut, and
+# anything but [A-Za-z0-9_.:-] becomes "_" (no newlines, no lone surrogates
+# that would fail a UTF-8 write, nothing that looks like a new field).
 MAX_REASON = 128
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def clean_reason(reason: str) -> str:
+    return _UNSAFE.sub("_", reason[:MAX_REASON])
 
 
 class BadReply(ValueError):
@@ -113,7 +121,7 @@ def decode_verdict(payload: bytes) -> Verdict:
     verdict = _VERDICT_BY_NUMBER.get(number)
     if verdict is None:
         raise BadReply(f"CheckResponse without a known verdict ({number})")
-    return Verdict(verdict, reason[:MAX_REASON])
+    return Verdict(verdict, clean_reason(reason))
 
 
 def decode_verdict_json(payload: bytes) -> Verdict:
@@ -121,8 +129,8 @@ def decode_verdict_json(payload: bytes) -> Verdict:
     (VERDICT_DENY), by its short name (DENY, deny) or by number, as proto3 JSON parsers do."""
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadReply(f"reply is not JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested deep
+        raise BadReply(f"reply is not JSON: {type(e).__name__}") from None
     if not isinstance(doc, dict):
         raise BadReply("reply is not a JSON object")
     raw = doc.get("verdict")
@@ -136,4 +144,4 @@ def decode_verdict_json(payload: bytes) -> Verdict:
     reason = doc.get("reason", "")
     if not isinstance(reason, str):
         raise BadReply("reply reason is not a string")
-    return Verdict(verdict, reason[:MAX_REASON])
+    return Verdict(verdict, clean_reason(reason))

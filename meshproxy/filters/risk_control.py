@@ -101,6 +101,8 @@ MAX_REPORT_CONCURRENCY = 256
 MAX_GUARD_FAILURES = 1000
 # A report sender with nothing to send for this long ends; the next check starts one again.
 IDLE_EXIT = 2.0
+# Report mode: body prefixes waiting in the queue, in bytes at most (the count is report_queue).
+MAX_REPORT_QUEUE_BYTES = 16 * 1024 * 1024
 
 DENIED = Respond(status=403, message="denied by risk control", grpc_status=status.PERMISSION_DENIED,
                  reason="risk_denied")
@@ -318,6 +320,9 @@ class RiskControlFilter(Filter):
                 outcome = await client.check(request, deadline)
             except risk.RiskFailure as e:
                 outcome, detail = e.reason, e.detail
+            except Exception as e:  # a reply no decoder foresaw: a bad reply, never a failed call
+                log.debug("risk_control: unexpected error from the risk client", exc_info=True)
+                outcome, detail = risk.BAD_REPLY, type(e).__name__
         finally:
             end = trio.current_time()
             if outcome is None:  # cancelled: no verdict and no failure
@@ -427,21 +432,26 @@ class _Reporter:
         self.concurrency = concurrency
         self.queue: collections.deque[tuple[risk.CheckRequest, bytes | None]] = collections.deque()
         self.senders = 0
-        self.idle = 0
+        self.queued_bytes = 0
         self.in_flight = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._empty = trio.lowlevel.ParkingLot()
 
     def submit(self, request: risk.CheckRequest, key: bytes | None) -> bool:
-        if len(self.queue) >= self.size:
+        size = len(request.body)
+        if len(self.queue) >= self.size or self.queued_bytes + size > MAX_REPORT_QUEUE_BYTES:
             self.filter._dropped.inc()
             return False
         self.queue.append((request, key))
-        if self.idle:
-            self._lot.unpark()
-        elif self.senders < self.concurrency:
+        self.queued_bytes += size
+        # Wake a parked sender if there is one; else start one (up to the cap).
+        if not self._lot.unpark() and self.senders < self.concurrency:
+            try:
+                trio.lowlevel.spawn_system_task(self._sender,
+                                                name=f"risk_control report sender ({self.filter.listener})")
+            except RuntimeError:  # the run is ending: the check stays queued and is dropped with it
+                return True
             self.senders += 1
-            trio.lowlevel.spawn_system_task(self._sender, name=f"risk_control report sender ({self.filter.listener})")
         return True
 
     async def _sender(self) -> None:
@@ -450,15 +460,12 @@ class _Reporter:
                 while not self.queue:
                     if not self.in_flight:
                         self._empty.unpark_all()
-                    self.idle += 1
-                    try:
-                        with trio.move_on_after(IDLE_EXIT) as waited:
-                            await self._lot.park()
-                    finally:
-                        self.idle -= 1
+                    with trio.move_on_after(IDLE_EXIT) as waited:
+                        await self._lot.park()
                     if waited.cancelled_caught and not self.queue:
                         return
                 request, key = self.queue.popleft()
+                self.queued_bytes -= len(request.body)
                 self.in_flight += 1
                 try:
                     await self._send(request, key)

@@ -54,9 +54,18 @@ def test_verdicts_written_by_the_runtime_are_read(number: int, reason: str, unkn
     # A field this side does not know (a newer service) is skipped.
     reply += pb.uint_field(7, unknown) + pb.string_field(8, "later")
     v = risk.decode_verdict(reply)
-    assert v == risk.Verdict(("allow", "deny", "review")[number - 1], reason[: risk.MAX_REASON])
+    assert v == risk.Verdict(("allow", "deny", "review")[number - 1], risk.clean_reason(reason))
     as_json = json_format.MessageToJson(risk_pb2.CheckResponse(verdict=number, reason=reason)).encode()
     assert risk.decode_verdict_json(as_json) == v
+
+
+def test_reason_codes_are_cleaned_and_deep_json_is_a_bad_reply() -> None:
+    # A lone surrogate would fail the access log's UTF-8 write; a newline would fake a log line.
+    v = risk.decode_verdict_json(b'{"verdict": "DENY", "reason": "a\\ud800b\\nc d"}')
+    assert v.reason == "a_b_c_d"
+    assert risk.clean_reason("fraud.score:high-9_x") == "fraud.score:high-9_x"
+    with pytest.raises(risk.BadReply):
+        risk.decode_verdict_json(b"[" * 100_000)
 
 
 @pytest.mark.parametrize("doc", [
