@@ -37,6 +37,9 @@ class _Compiled:
         )
 
 
+STICKY_SPACE = 1 << 20
+
+
 class _Split:
     """A weighted route's clusters as cumulative weights: one bisect per call."""
 
@@ -55,8 +58,12 @@ class _Split:
 
     def pick(self, headers: Headers) -> str:
         value = header_value(headers, self.sticky) if self.sticky is not None else None
-        # Sticky: the same header value lands in the same share at the same weights.
-        n = zlib.crc32(value) % self.total if value is not None else random.randrange(self.total)
+        if value is None:
+            return self.names[bisect.bisect_right(self.bounds, random.randrange(self.total))]
+        # Sticky: the value's place in a fixed space, scaled to the weights, so the
+        # same user keeps its version when the weights are rescaled (95/5 -> 950/50)
+        # and only the users at the moving edge change when they shift.
+        n = zlib.crc32(value) % STICKY_SPACE * self.total // STICKY_SPACE
         return self.names[bisect.bisect_right(self.bounds, n)]
 
 

@@ -28,6 +28,7 @@ log gets ``unit`` and ``unit_reason``.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import logging
 import zlib
@@ -172,7 +173,9 @@ class UnitRoutingFilter(Filter):
         target = self.targets[unit]
         gray = self.gray.get(unit)
         if gray is not None and raw is not None and _gray_slot(raw) < gray[1]:
-            target, reason = gray[0], "gray"
+            if self._healthy(gray[0]):
+                target, reason = gray[0], "gray"
+            # A gray target that is down: the unit's own target first, before another unit.
         other = self.fallback.get(unit)
         if other is not None and not self._healthy(target) and self._healthy(self.targets[other]):
             unit, target, reason = other, self.targets[other], "failover"
@@ -231,8 +234,12 @@ class UnitRoutingFilter(Filter):
 
 
 def _gray_slot(raw: bytes) -> int:
-    """A second, independent hash of the key in [0, 100): the gray share is slot < percent."""
-    return zlib.crc32(b"gray\x00" + raw) % 100
+    """A second hash of the key in [0, 100): the gray share is slot < percent.
+
+    Not crc32 again: crc32 is affine, so crc32(prefix + key) is crc32(key) XOR a
+    constant for keys of one length, and the gray share would follow the slot.
+    """
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8, person=b"mesh-gray").digest(), "big") % 100
 
 
 def _slots(ranges: list[tuple[int, int, str]], modulus: int) -> list[str | None]:
