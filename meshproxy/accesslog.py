@@ -51,7 +51,12 @@ class AccessLog:
     def flush(self) -> None:
         if self._lines and self._file is not None:
             lines, self._lines = self._lines, []
-            self._file.write("\n".join(lines) + "\n")
+            text = "\n".join(lines) + "\n"
+            try:
+                self._file.write(text)
+            except UnicodeEncodeError:
+                # A field no filter cleaned (a lone surrogate) must not stop the log, or the proxy.
+                self._file.write(text.encode("utf-8", "backslashreplace").decode("utf-8"))
             self._file.flush()
 
     async def run(self) -> None:
