@@ -148,6 +148,8 @@ class Call:
     request_id: str = ""
     route: Route | None = None
     cluster: str | None = None
+    # Only the cluster's endpoints tagged with this unit (unit_routing `subset: true`).
+    endpoint_unit: str | None = None
     # Filled in by the proxy for the access log and metrics.
     upstream_address: str = ""
     # Filters that want to see body chunks without buffering them register here.

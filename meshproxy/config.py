@@ -244,6 +244,9 @@ class Cluster:
     http2: Http2Cluster = Http2Cluster()
     thrift: ThriftCluster = ThriftCluster()
     tls: ClusterTls = ClusterTls()
+    # The unit each endpoint belongs to ("" for none), in endpoint order: an
+    # endpoint given as {address, unit}. unit_routing with `subset: true` uses it.
+    endpoint_units: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -692,13 +695,15 @@ def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
     name = r.value(m, "name", _string, f"cluster{index}")
     protocol = r.value(m, "protocol", _one_of(PROTOCOLS), "http2")
     endpoints: list[Address] = []
+    units: list[str] = []
     if "endpoints" in m:
         with r.at("endpoints"):
             raw_eps = m["endpoints"]
             if isinstance(raw_eps, list) and not raw_eps:
                 r.problem("a cluster needs at least one endpoint")
-            for _, ep in r.each(raw_eps, lambda _, v: _endpoint(r, v)):
+            for _, (ep, unit) in r.each(raw_eps, lambda _, v: _tagged_endpoint(r, v)):
                 endpoints.append(ep)
+                units.append(unit)
     lb = r.value(m, "lb", _one_of(LB_POLICIES), "round_robin")
     connect_timeout = r.value(m, "connect_timeout", _positive_duration, 1.0)
     http2 = Http2Cluster()
@@ -716,7 +721,8 @@ def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
         if (tls.mode != "disable" and not tls.server_name and not tls.peer_identities
                 and any(e.kind == "unix" for e in endpoints)):
             r.problem("a unix endpoint has no host name to verify: set server_name or peer_identities", "tls")
-    return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift, tls)
+    return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift, tls,
+                   tuple(units) if any(units) else ())
 
 
 def _tls_file(r: _Reader) -> Callable[[object], str]:
@@ -818,6 +824,18 @@ def _protocol_section(r: _Reader, m: dict[str, Any], protocol: str, cls: type[T]
             return _limits(r, m["thrift"], cls)
         except _Invalid:
             return cls()
+
+
+def _tagged_endpoint(r: _Reader, raw: object) -> tuple[Address, str]:
+    """"HOST:PORT", or {address: "HOST:PORT", unit: NAME} for an endpoint of one unit."""
+    if not isinstance(raw, dict):
+        return _endpoint(r, raw), ""
+    m = r.mapping(raw, ("address", "unit"), required=("address",))
+    if "address" not in m:
+        raise _Invalid
+    with r.at("address"):
+        address = _endpoint(r, m["address"])
+    return address, r.value(m, "unit", _string, "")
 
 
 def _endpoint(r: _Reader, raw: object) -> Address:

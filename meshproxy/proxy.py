@@ -229,7 +229,7 @@ class HttpProxy:
         attempts = 0
         while True:
             end_on_headers = replay == b"" and stream.trailers is None
-            pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers)
+            pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers, call.endpoint_unit)
             out.upstream = call.upstream_address = pool.name
             try:
                 if replay is None:

@@ -146,12 +146,12 @@ class ThriftProxy:
                 f"the call {thrift.PROTOCOL_NAMES[msg.head.protocol]}"
             )
         transport = cluster.fixed_transport(msg.transport)
-        ready = cluster.ready(transport)
+        ready = cluster.ready(transport, call.endpoint_unit)
         if ready is not None:
             pool, link = ready
         else:
             with trio.move_on_at(call.deadline) as waited:
-                pool, link = await cluster.acquire(transport)
+                pool, link = await cluster.acquire(transport, call.endpoint_unit)
             if waited.cancelled_caught:
                 raise UpstreamTimeout("deadline exceeded waiting for an upstream connection")
             if slot is not None and slot.done:

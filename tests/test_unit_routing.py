@@ -380,3 +380,41 @@ def test_weighted_route_config_errors(tmp_path: Path) -> None:
         "cluster: backend-a\n        clusters: [{name: backend-b, weight: 1}]")
     assert "routes[0].sticky: only with clusters (weights)" in problems(
         "cluster: backend-a", "\n        sticky: {header: x-user-id}")
+
+
+async def test_endpoints_tagged_with_a_unit_inside_one_cluster(
+    nursery: trio.Nursery, tmp_path: Path, unit_servers: dict[str, tuple[int, Any]]
+) -> None:
+    pa, pb = unit_servers["a"][0], unit_servers["b"][0]
+    text = f"""\
+admin: {{address: "127.0.0.1:0"}}
+listeners:
+  - name: test
+    direction: ingress
+    address: "127.0.0.1:0"
+    filters:
+      - {{name: unit_routing, key: {{header: x-user-id}}, table: {{'1': a, '2': b}}, subset: true,
+          targets: {{a: backend, b: backend}}, fallback: {{b: a}}}}
+    routes:
+      - match: {{prefix: /}}
+        cluster: backend
+clusters:
+  - name: backend
+    endpoints: [{{address: "127.0.0.1:{pa}", unit: a}}, {{address: "127.0.0.1:{pb}", unit: b}}]
+"""
+    app = await start_proxy(nursery, write_config(tmp_path, text))
+    port = listen_port(app)
+    assert await trio.to_thread.run_sync(grpc_units, port, ["1", "2", "2", "1", "2"]) == [
+        "unit-a", "unit-b", "unit-b", "unit-a", "unit-b"]
+    # Unit b's endpoint goes away: after the call that finds out, b's keys fail over to a's endpoint.
+    unit_servers["b"][1].stop(0)
+    await trio.to_thread.run_sync(grpc_units, port, ["2"])
+    assert await trio.to_thread.run_sync(grpc_units, port, ["2"]) == ["unit-a"]
+
+
+def test_tagged_endpoint_config_errors(tmp_path: Path) -> None:
+    text = CONFIG.format(port_a=1, port_b=2, protocol="http2", thrift="", match="{prefix: /}", filter="{name: headers}")
+    text = text.replace('endpoints: ["127.0.0.1:1"]', 'endpoints: [{address: "127.0.0.1:1", zone: x}]')
+    with pytest.raises(ConfigError) as e:
+        load(str(write_config(tmp_path, text)))
+    assert "clusters[0].endpoints[0].zone: unknown key (expected one of: address, unit)" in "\n".join(e.value.lines)

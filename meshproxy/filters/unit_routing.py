@@ -9,6 +9,9 @@
       table: {"42": a, "43": b}           # mode table: key -> unit
       ranges: [{unit: a, from: 0, to: 99999}, {unit: b, from: 100000, to: 199999}]   # mode ranges: int(key)
       targets: {a: backend-a, b: backend-b}       # unit -> cluster
+      subset: false                       # true: only the target cluster's endpoints tagged with the unit
+                                          # (endpoints: [{address: "10.0.0.1:80", unit: a}, ...]); one cluster may
+                                          # then serve every unit: targets: {a: backend, b: backend}
       gray: {a: {target: backend-a-v2, percent: 10}}   # move 10% of unit a's keys (sticky per key)
       fallback: {a: b, b: a}              # a unit whose cluster has no healthy endpoint -> this unit
       default: a                          # calls with no key (or a key no unit owns); absent: local reply
@@ -65,7 +68,7 @@ class UnitRoutingFilter(Filter):
     def __init__(self, key: bytes, mode: str, modulus: int, slots: list[str | None] | None,
                  table: dict[bytes, str] | None, bounds: tuple[list[int], list[tuple[int, str]]] | None,
                  targets: dict[str, str], gray: dict[str, tuple[str, int]], fallback: dict[str, str],
-                 default: str | None, observe: bool) -> None:
+                 default: str | None, observe: bool, subset: bool = False) -> None:
         self.key = key
         self.mode = mode
         self.modulus = modulus
@@ -77,6 +80,7 @@ class UnitRoutingFilter(Filter):
         self.fallback = fallback
         self.default = default
         self.observe = observe
+        self.subset = subset
         self.listener = ""
         self.clusters: Mapping[str, Any] | None = None
         self._counters: dict[tuple[str, str, str], Any] = {}
@@ -104,6 +108,7 @@ class UnitRoutingFilter(Filter):
         fallback = o.get("fallback", _str_map, {})
         default = o.get("default", _unit, None)
         observe = o.get("observe", flag, False)
+        subset = o.get("subset", flag, False)
         o.done()
         given = [n for n, v in (("hash_ranges", hash_ranges), ("table", table), ("ranges", ranges)) if v is not None]
         if not mode:
@@ -140,7 +145,7 @@ class UnitRoutingFilter(Filter):
                 raise FilterOptionError(where, f"unit {missing[0]!r} has no entry in targets")
         bounds = _bounds(ranges) if ranges is not None else None
         table_b = {k.encode(): v for k, v in table.items()} if table is not None else None
-        return cls(key, mode, modulus, slots, table_b, bounds, targets, gray, fallback, default, observe)
+        return cls(key, mode, modulus, slots, table_b, bounds, targets, gray, fallback, default, observe, subset)
 
     def bind(self, context: FilterContext) -> None:
         self.listener = context.listener
@@ -173,11 +178,11 @@ class UnitRoutingFilter(Filter):
         target = self.targets[unit]
         gray = self.gray.get(unit)
         if gray is not None and raw is not None and _gray_slot(raw) < gray[1]:
-            if self._healthy(gray[0]):
+            if self._healthy(gray[0], unit):
                 target, reason = gray[0], "gray"
             # A gray target that is down: the unit's own target first, before another unit.
         other = self.fallback.get(unit)
-        if other is not None and not self._healthy(target) and self._healthy(self.targets[other]):
+        if other is not None and not self._healthy(target, unit) and self._healthy(self.targets[other], other):
             unit, target, reason = other, self.targets[other], "failover"
         if self.observe:
             self._count(unit, target, "observe")
@@ -186,6 +191,8 @@ class UnitRoutingFilter(Filter):
             return CONTINUE
         self._count(unit, target, reason)
         call.cluster = target
+        if self.subset:
+            call.endpoint_unit = unit
         call.log_field("unit", unit)
         call.log_field("unit_reason", reason)
         return CONTINUE
@@ -213,14 +220,15 @@ class UnitRoutingFilter(Filter):
                 return unit, "range"
         return None, "range"
 
-    def _healthy(self, cluster_name: str) -> bool:
+    def _healthy(self, cluster_name: str, unit: str) -> bool:
+        """Any endpoint of the cluster (of the unit's, with subset) not backing off after failures."""
         if self.clusters is None:
             return True
         cluster = self.clusters.get(cluster_name)
         if cluster is None:
             return False
         now = trio.current_time()
-        return any(p.healthy(now) for p in cluster.pools)
+        return any(p.healthy(now) for p in cluster.pools if not self.subset or p.unit == unit)
 
     def _count(self, unit: str, target: str, reason: str) -> None:
         m = self._metrics

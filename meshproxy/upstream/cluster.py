@@ -32,15 +32,19 @@ class Cluster:
             EndpointPool(config.name, a, config.http2, config.connect_timeout, nursery, metrics, tls_config)
             for a in config.endpoints
         ]
+        for pool, unit in zip(self.pools, config.endpoint_units, strict=False):
+            pool.unit = unit
         self._lb = lb.make(config.lb)
         self._streams_active = metrics.child(metrics.upstream_streams_active, config.name)
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} {self.pools}>"
 
-    async def open_stream(self, headers: Headers, end: bool) -> tuple[EndpointPool, ClientLink, Stream]:
-        """Send request headers on a stream to some endpoint; UpstreamUnavailable if none takes it."""
-        tried: set[int] = set()
+    async def open_stream(
+        self, headers: Headers, end: bool, unit: str | None = None
+    ) -> tuple[EndpointPool, ClientLink, Stream]:
+        """Send request headers on a stream to some endpoint (of `unit`, if given); UpstreamUnavailable if none takes it."""
+        tried = lb.outside_unit(self.pools, unit)
         errors: list[str] = []
         now = trio.current_time()
         while len(tried) < len(self.pools):
@@ -58,7 +62,7 @@ class Cluster:
             pool.active_requests += 1
             self._streams_active.inc()
             return pool, link, stream
-        detail = "; ".join(errors) or "no endpoints"
+        detail = "; ".join(errors) or ("no endpoints" if unit is None else f"no endpoint of unit '{unit}'")
         raise UpstreamUnavailable(f"cluster '{self.name}' has no reachable endpoint ({detail})")
 
     def stream_done(self, pool: EndpointPool) -> None:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 class Pickable(Protocol):
     active_requests: int
+    unit: str
 
     def healthy(self, now: float) -> bool: ...
 
@@ -61,3 +62,10 @@ class LeastRequest:
 
 def make(policy: str, rng: random.Random | None = None) -> RoundRobin | LeastRequest:
     return LeastRequest(rng) if policy == "least_request" else RoundRobin(rng)
+
+
+def outside_unit(pools: Sequence[Pickable], unit: str | None) -> set[int]:
+    """The endpoints a call for `unit` must not use (marked as tried before the first pick)."""
+    if unit is None:
+        return set()
+    return {i for i, p in enumerate(pools) if p.unit != unit}

@@ -46,6 +46,7 @@ class EndpointPool:
     ) -> None:
         self.cluster = cluster
         self.tls = client_tls  # replaced on reload: new connections use the re-read certificates
+        self.unit = ""  # the unit this endpoint belongs to, if tagged
         self.address = address
         self.name = str(address)
         self.options = options
@@ -73,6 +74,7 @@ class EndpointPool:
     def snapshot(self) -> dict[str, object]:
         return {
             "address": self.name,
+            "unit": self.unit or None,
             "healthy": self.healthy(trio.current_time()),
             "active_requests": self.active_requests,
             "connections": [

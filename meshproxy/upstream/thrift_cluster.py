@@ -43,6 +43,7 @@ class ThriftEndpointPool:
                  client_tls: tls.ClientTls | None = None) -> None:
         self.cluster = cluster.name
         self.tls = client_tls  # replaced on reload: new connections use the re-read certificates
+        self.unit = ""  # the unit this endpoint belongs to, if tagged
         self.options = cluster.thrift
         self.connect_timeout = cluster.connect_timeout
         self.address = address
@@ -64,6 +65,7 @@ class ThriftEndpointPool:
     def snapshot(self) -> dict[str, object]:
         return {
             "address": self.name,
+            "unit": self.unit or None,
             "healthy": self.healthy(trio.current_time()),
             "active_requests": self.active_requests,
             "connections": [
@@ -184,6 +186,8 @@ class ThriftCluster:
         self.options = config.thrift
         tls_config = client_tls(config)
         self.pools = [ThriftEndpointPool(config, a, nursery, metrics, tls_config) for a in config.endpoints]
+        for pool, unit in zip(self.pools, config.endpoint_units, strict=False):
+            pool.unit = unit
         self._lb = lb.make(config.lb)
         self._active = metrics.child(metrics.upstream_streams_active, config.name)
 
@@ -194,21 +198,24 @@ class ThriftCluster:
         t = self.options.transport
         return caller if t == "auto" else t
 
-    def ready(self, transport: str) -> tuple[ThriftEndpointPool, UpstreamConnection] | None:
+    def ready(self, transport: str, unit: str | None = None) -> tuple[ThriftEndpointPool, UpstreamConnection] | None:
         """A connection that takes a call right now, when there is one endpoint
         (a sidecar's local app, most often) and it has room: no await needed."""
-        if len(self.pools) == 1:
+        if len(self.pools) == 1 and (unit is None or self.pools[0].unit == unit):
             link = self.pools[0].pick(transport)
             if link is not None and (self.options.mux or not link.waiting):
                 return self.pools[0], link
         return None
 
-    async def acquire(self, transport: str) -> tuple[ThriftEndpointPool, UpstreamConnection]:
-        """A connection with room for one more call; UpstreamUnavailable if no endpoint takes it."""
-        tried: set[int] = set()
+    async def acquire(
+        self, transport: str, unit: str | None = None
+    ) -> tuple[ThriftEndpointPool, UpstreamConnection]:
+        """A connection with room for one more call (to an endpoint of `unit`, if given);
+        UpstreamUnavailable if no endpoint takes it."""
+        pools = self.pools
+        tried = lb.outside_unit(pools, unit)
         errors: list[str] = []
         now = trio.current_time()
-        pools = self.pools
         while len(tried) < len(pools):
             i = self._lb.pick(pools, now, tried)
             if i is None:
@@ -219,7 +226,7 @@ class ThriftCluster:
                 return pool, await pool.acquire(transport)
             except ConnectFailed as e:
                 errors.append(str(e))
-        detail = "; ".join(errors) or "no endpoints"
+        detail = "; ".join(errors) or ("no endpoints" if unit is None else f"no endpoint of unit '{unit}'")
         raise UpstreamUnavailable(f"cluster '{self.name}' has no reachable endpoint ({detail})")
 
     def call_started(self, pool: ThriftEndpointPool) -> None:
