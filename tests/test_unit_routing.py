@@ -418,3 +418,45 @@ def test_tagged_endpoint_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load(str(write_config(tmp_path, text)))
     assert "clusters[0].endpoints[0].zone: unknown key (expected one of: address, unit)" in "\n".join(e.value.lines)
+
+
+async def test_thrift_endpoints_tagged_with_a_unit(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with ThriftServer("framed", "binary") as unit_a, ThriftServer("framed", "binary") as unit_b:
+        text = f"""\
+admin: {{address: "127.0.0.1:0"}}
+listeners:
+  - name: test
+    direction: ingress
+    address: "127.0.0.1:0"
+    protocol: thrift
+    thrift: {{transport: auto}}
+    filters:
+      - {{name: unit_routing, key: {{metadata: uid}}, table: {{'1': a, '2': b}}, subset: true,
+          targets: {{a: backend, b: backend}}}}
+    routes:
+      - match: {{}}
+        cluster: backend
+clusters:
+  - name: backend
+    protocol: thrift
+    endpoints: [{{address: "127.0.0.1:{unit_a.port}", unit: a}}, {{address: "127.0.0.1:{unit_b.port}", unit: b}}]
+"""
+        app = await start_proxy(nursery, write_config(tmp_path, text))
+        port = listen_port(app)
+
+        def send() -> None:
+            for uid, n in ((b"1", 2), (b"2", 3)):
+                with client(port, "header", headers={b"uid": uid}) as c:
+                    for _ in range(n):
+                        c.note("x")
+                    assert c.echo(b"done") == b"done"
+
+        def counts() -> list[int]:
+            out = []
+            for server in (unit_a, unit_b):
+                with client(server.port) as c:
+                    out.append(c.notes())
+            return out
+
+        await trio.to_thread.run_sync(send)
+        assert await trio.to_thread.run_sync(counts) == [2, 3]
