@@ -434,6 +434,54 @@ async def test_report_mode_drops_checks_when_its_queue_is_full(
     assert policy.seen + dropped == 5 and verdicts(app, "allow", "report") == policy.seen
 
 
+async def test_report_mode_sends_a_burst_with_several_senders(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    """Checks queued together are sent by up to report_concurrency senders at once, not one."""
+    policy.hold_all = True
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
+                      report_queue=100, report_concurrency=4)
+
+    def burst() -> list[str]:
+        with grpc.insecure_channel(f"{HOST}:{listen_port(app)}") as ch:
+            futures = [ch.unary_unary(UNARY).future(b"hi", timeout=10) for _ in range(12)]
+            return [f.result().decode() for f in futures]
+
+    assert await trio.to_thread.run_sync(burst) == ["hi"] * 12
+    # Every sender holds one check at the held service: four in flight.
+    await eventually(lambda: policy.seen == 4, timeout=5)
+    policy.release.set()
+    f = the_filter(app)
+    with trio.fail_after(10):
+        await f.reports_sent()
+    assert policy.seen == 12 and verdicts(app, "allow", "report") == 12
+
+
+async def test_a_burst_after_a_quiet_spell_wakes_the_parked_sender_and_starts_more(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    """Submits in one scheduler tick: a parked sender is woken once; the others start new senders."""
+    policy.hold_all = True
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
+                      report_queue=100, report_concurrency=4)
+    f = the_filter(app)
+    reporter = f._reporter
+    assert reporter is not None
+    policy.release.set()  # the first check is answered at once: its sender then parks, idle
+    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None]) == ["hi"]
+    await eventually(lambda: policy.answered == 1 and reporter.in_flight == 0, timeout=5)
+    assert reporter.senders == 1
+    from meshproxy.codec.risk import CheckRequest
+
+    request = CheckRequest(request_id="burst", path=UNARY, mode="report")
+    for _ in range(8):  # no await in between: one tick
+        reporter.submit(request, None)
+    assert reporter.senders == 4
+    with trio.fail_after(10):
+        await f.reports_sent()
+    assert policy.seen == 9
+
+
 async def test_report_senders_end_after_a_reload_removes_the_filter(
     nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
     monkeypatch: pytest.MonkeyPatch,
