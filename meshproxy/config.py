@@ -663,15 +663,9 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
         with r.at("http2"):
             http2 = _limits(r, m["http2"], Http2Listener)
     thrift = _protocol_section(r, m, protocol, ThriftListener)
-    tls = ListenerTls()
-    if "tls" in m:
-        with r.at("tls"):
-            try:
-                tls = _listener_tls(r, m["tls"], protocol)
-            except _Invalid:
-                pass
-        if tls.mode != "disable" and address.kind != "tcp":
-            r.problem(f"TLS is for TCP listeners, not {address.kind} ones", "tls")
+    tls = _section(r, m, "tls", lambda raw: _listener_tls(r, raw, protocol), ListenerTls())
+    if tls.mode != "disable" and address.kind != "tcp":
+        r.problem(f"TLS is for TCP listeners, not {address.kind} ones", "tls")
     listener = Listener(
         name,
         direction,
@@ -711,16 +705,10 @@ def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
         with r.at("http2"):
             http2 = _limits(r, m["http2"], Http2Cluster)
     thrift = _protocol_section(r, m, protocol, ThriftCluster)
-    tls = ClusterTls()
-    if "tls" in m:
-        with r.at("tls"):
-            try:
-                tls = _cluster_tls(r, m["tls"], protocol)
-            except _Invalid:
-                pass
-        if (tls.mode != "disable" and not tls.server_name and not tls.peer_identities
-                and any(e.kind == "unix" for e in endpoints)):
-            r.problem("a unix endpoint has no host name to verify: set server_name or peer_identities", "tls")
+    tls = _section(r, m, "tls", lambda raw: _cluster_tls(r, raw, protocol), ClusterTls())
+    if (tls.mode != "disable" and not tls.server_name and not tls.peer_identities
+            and any(e.kind == "unix" for e in endpoints)):
+        r.problem("a unix endpoint has no host name to verify: set server_name or peer_identities", "tls")
     return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift, tls,
                    tuple(units) if any(units) else ())
 
@@ -811,6 +799,17 @@ def _string_tuple(raw: object) -> tuple[str, ...]:
     if not isinstance(raw, list) or not raw or not all(isinstance(x, str) and x for x in raw):
         raise ValueError("expected a non-empty list of strings")
     return tuple(raw)
+
+
+def _section(r: _Reader, m: dict[str, Any], key: str, parse: Callable[[object], T], default: T) -> T:
+    """m[key] parsed under its key path; `default` when absent or invalid (the problem is recorded)."""
+    if key not in m:
+        return default
+    with r.at(key):
+        try:
+            return parse(m[key])
+        except _Invalid:
+            return default
 
 
 def _protocol_section(r: _Reader, m: dict[str, Any], protocol: str, cls: type[T]) -> T:

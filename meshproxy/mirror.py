@@ -117,7 +117,11 @@ def decode(payload: bytes) -> Record:
 
 def read_segment(path: Path) -> Iterator[Record]:
     """The records of one segment, up to the first incomplete or damaged one (a torn tail)."""
-    data = path.read_bytes()
+    return records_in(path.read_bytes())
+
+
+def records_in(data: bytes) -> Iterator[Record]:
+    """The records in `data` (a segment, a published message), up to the first incomplete or damaged one."""
     pos = 0
     while pos + _HEAD.size <= len(data):
         magic, size, crc = _HEAD.unpack_from(data, pos)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from meshproxy.mirror import Record, decode_meta, read_segment, read_spool, segments
+from meshproxy.mirror import Record, decode_meta, read_segment, read_spool, records_in, segments
 
 # Bytes of each body shown (as text if it decodes, else hex).
 PREVIEW = 48
@@ -167,18 +168,7 @@ def _from_nats(source: str, follow: bool) -> Iterator[Record]:
 
 def _decode_blob(blob: bytes) -> list[Record]:
     """One published record (the spool's record bytes), or nothing if it does not check out."""
-    import struct
-    import zlib
-
-    from meshproxy.mirror import MAGIC, decode
-
-    if len(blob) < 12 or blob[:4] != MAGIC:
-        return []
-    size, crc = struct.unpack_from("!II", blob, 4)
-    payload = blob[12 : 12 + size]
-    if len(payload) != size or zlib.crc32(payload) != crc:
-        return []
-    return [decode(payload)]
+    return list(itertools.islice(records_in(blob), 1))
 
 
 def tail(source: str, follow: bool, protocol: str | None, path_prefix: str | None, listener: str | None) -> int:

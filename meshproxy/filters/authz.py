@@ -58,6 +58,7 @@ from meshproxy.filters.base import (
     Options,
     Respond,
     flag,
+    header_name,
 )
 from meshproxy.filters.ratelog import DEFAULT_INTERVAL, RateLimitedLog
 from meshproxy.filters.ticket import destination_service
@@ -253,18 +254,10 @@ def _rules(raw: Any) -> tuple[Rule, ...]:
     return rules
 
 
-
-
 def _action(raw: Any) -> str:
     if raw not in ACTIONS:
         raise ValueError(f"expected allow or deny, got {raw!r}")
     return str(raw)
-
-
-def _header_name(raw: Any) -> bytes:
-    if not isinstance(raw, str) or not raw or not raw.isascii():
-        raise ValueError(f"expected a header name, got {raw!r}")
-    return raw.lower().encode("ascii")
 
 
 # -- the filter ------------------------------------------------------------------
@@ -313,7 +306,7 @@ class AuthzFilter(Filter):
         o = Options(options)
         dry_run = o.get("dry_run", flag, False)
         default = o.get("default", _action, "deny")
-        unit_header = o.get("unit_header", _header_name, DEFAULT_UNIT_HEADER.encode())
+        unit_header = o.get("unit_header", header_name, DEFAULT_UNIT_HEADER.encode())
         log_interval = o.get("log_interval", parse_duration, DEFAULT_INTERVAL)
         rules = o.get("rules", _rules, ())
         o.done()

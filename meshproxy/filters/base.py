@@ -148,6 +148,20 @@ def text(raw: Any) -> str:
     return raw
 
 
+def share(raw: Any) -> float:
+    """A sampling share, 0 to 1."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 1:
+        raise ValueError(f"expected a share from 0 to 1, got {raw!r}")
+    return float(raw)
+
+
+def header_name(raw: Any) -> bytes:
+    """A header / Thrift metadata name, lower-cased: ASCII, no whitespace or colon."""
+    if not isinstance(raw, str) or not raw or not raw.isascii() or any(c in raw for c in " :\t\r\n"):
+        raise ValueError(f"expected a header name, got {raw!r}")
+    return raw.lower().encode("ascii")
+
+
 def one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         if raw not in choices:

@@ -30,6 +30,7 @@ from meshproxy.filters.base import (
     FilterOptionError,
     Options,
     flag,
+    share,
     text,
 )
 
@@ -38,18 +39,10 @@ DEFAULT_REDACT = ("authorization", "cookie", "set-cookie", "proxy-authorization"
 REDACTED = b"<redacted>"
 
 
-def _ratio(raw: Any) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 1:
-        raise ValueError(f"expected a share from 0 to 1, got {raw!r}")
-    return float(raw)
-
-
 def _size(raw: Any) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
         raise ValueError(f"expected a byte count of 0 or more, got {raw!r}")
     return raw
-
-
 
 
 def _names(raw: Any) -> tuple[bytes, ...]:
@@ -167,7 +160,7 @@ class MirrorFilter(Filter):
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> MirrorFilter:
         o = Options(options)
-        sample = o.get("sample", _ratio, 1.0)
+        sample = o.get("sample", share, 1.0)
         max_body = o.get("max_body_bytes", _size, 65536)
         capture_response = o.get("capture_response", flag, False)
         redact = o.get("redact", _names, tuple(n.encode() for n in DEFAULT_REDACT))
@@ -211,8 +204,6 @@ class MirrorFilter(Filter):
         """A copy with the values of redacted names replaced (the pairs stay bytes: encode packs them as is)."""
         redact = self.redact
         return [kv if kv[0] not in redact else (kv[0], REDACTED) for kv in headers]
-
-
 
 
 def _header_map(raw: Any) -> dict[str, str]:

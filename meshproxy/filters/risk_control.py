@@ -77,7 +77,9 @@ from meshproxy.filters.base import (
     FilterOptionError,
     Options,
     Respond,
+    header_name,
     one_of,
+    share,
     text,
 )
 from meshproxy.filters.ratelog import RateLimitedLog
@@ -190,8 +192,8 @@ class RiskControlFilter(Filter):
         authority = o.get("authority", text, "")
         headers: tuple[bytes, ...] = o.get("headers", _header_names, ())
         body_bytes = o.get("body_bytes", _body_bytes, 0)
-        sample = o.get("sample", _ratio, 1.0)
-        unit_header = o.get("unit_header", _header_name, DEFAULT_UNIT_HEADER)
+        sample = o.get("sample", share, 1.0)
+        unit_header = o.get("unit_header", header_name, DEFAULT_UNIT_HEADER)
         cache = None
         if "cache" in options:
             c = o.section("cache")
@@ -522,12 +524,6 @@ def _bounded_int(maximum: int) -> Any:
     return parse
 
 
-def _ratio(raw: Any) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 1:
-        raise ValueError(f"expected a share from 0 to 1, got {raw!r}")
-    return float(raw)
-
-
 def _body_bytes(raw: Any) -> int:
     n = parse_size(raw)
     if n > MAX_BODY_BYTES:
@@ -541,12 +537,6 @@ def _path(raw: Any) -> str:
     return raw
 
 
-def _header_name(raw: Any) -> bytes:
-    if not isinstance(raw, str) or not raw or raw.startswith(":") or any(c in raw for c in " \t\r\n:"):
-        raise ValueError(f"expected a header / metadata name, got {raw!r}")
-    return raw.lower().encode()
-
-
 def _header_names(raw: Any) -> tuple[bytes, ...]:
     if not isinstance(raw, list) or not raw:
         raise ValueError("expected a non-empty list of header / metadata names")
@@ -555,7 +545,7 @@ def _header_names(raw: Any) -> tuple[bytes, ...]:
     out = []
     for i, name in enumerate(raw):
         try:
-            out.append(_header_name(name))
+            out.append(header_name(name))
         except ValueError as e:
             raise ValueError(f"[{i}]: {e}") from None
     return tuple(out)

@@ -45,6 +45,7 @@ from meshproxy.filters.base import (
     FilterOptionError,
     Options,
     Respond,
+    header_name,
     one_of,
     text,
 )
@@ -60,16 +61,6 @@ DEFAULT_HEADER = "x-mesh-ticket"
 DEFAULT_TTL = 300.0
 # A ticket lives at least this long: below it, a hop plus some skew eats it.
 MIN_TTL = 10.0
-
-
-
-
-
-
-def _header(raw: Any) -> bytes:
-    if not isinstance(raw, str) or not raw or not raw.isascii() or any(c in raw for c in " :\t\r\n"):
-        raise ValueError(f"expected a header name, got {raw!r}")
-    return raw.lower().encode("ascii")
 
 
 def _audiences(raw: Any) -> tuple[str, ...]:
@@ -133,7 +124,7 @@ class TicketFilter(Filter):
         mode = o.get("mode", one_of(MODES), "")
         algorithm = o.get("algorithm", one_of(tickets.ALGORITHMS), "")
         key = _key_options(o, options, algorithm, verify=mode == "verify")
-        header = o.get("header", _header, DEFAULT_HEADER.encode())
+        header = o.get("header", header_name, DEFAULT_HEADER.encode())
         if mode == "issue":
             ttl = o.get("ttl", _ttl, DEFAULT_TTL)
             audience = o.get("audience", text, None)

@@ -51,6 +51,7 @@ from meshproxy.filters.base import (
     Options,
     Respond,
     flag,
+    header_name,
     one_of,
 )
 
@@ -92,8 +93,8 @@ class UnitRoutingFilter(Filter):
     def from_options(cls, options: dict[str, Any]) -> UnitRoutingFilter:
         o = Options(options)
         k = o.section("key")
-        header = k.get("header", _name, None)
-        metadata = k.get("metadata", _name, None)
+        header = k.get("header", header_name, None)
+        metadata = k.get("metadata", header_name, None)
         k.done()
         if (header is None) == (metadata is None):
             raise FilterOptionError("key", "give exactly one of header or metadata")
@@ -270,26 +271,16 @@ def _bounds(ranges: list[tuple[int, int, str]]) -> tuple[list[int], list[tuple[i
     return [lo for lo, _, _ in ordered], ordered
 
 
-def _name(raw: Any) -> bytes:
-    if not isinstance(raw, str) or not raw:
-        raise ValueError(f"expected a header / metadata name, got {raw!r}")
-    return raw.lower().encode()
-
-
 def _unit(raw: Any) -> str:
     if not isinstance(raw, str | int) or isinstance(raw, bool) or raw == "":
         raise ValueError(f"expected a unit name, got {raw!r}")
     return str(raw)
 
 
-
-
 def _modulus(raw: Any) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_MODULUS:
         raise ValueError(f"expected a whole number from 1 to {MAX_MODULUS}, got {raw!r}")
     return raw
-
-
 
 
 def _ranges(where: str) -> Any:
