@@ -113,6 +113,21 @@ class Peer:
 
 ChunkObserver = Callable[["Call", bytes], None]
 
+# The access log's `response_flags`: what acted on a call, beyond its route.
+RESPONSE_FLAGS = (
+    "retried",  # more than one upstream attempt
+    "retry_budget_exhausted",  # a retry was due but the budget (or max_retries) refused it
+    "breaker_open",  # an open error breaker answered
+    "overflow",  # a cluster concurrency cap answered
+    "no_healthy_upstream",  # every endpoint was ejected or failed its health checks
+    "ejected",  # the call's endpoint was ejected after it
+    "rate_limited",
+    "shed",  # the overload filter refused it
+    "deadline_passed",  # its deadline had passed before dispatch
+    "client_gone",  # its client had gone before dispatch
+    "fault",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Completion:
@@ -165,6 +180,12 @@ class Call:
     # Extra access-log fields set by filters (the authz decision, the ticket
     # result); None until the first one, so calls without them allocate nothing.
     log_fields: dict[str, Any] | None = None
+    # What acted on the call (RESPONSE_FLAGS), in order, for the access log's
+    # `response_flags`; None until the first.
+    flags: list[str] | None = None
+    # True once the client gave up on the call (reset its stream, closed its
+    # connection): a filter that makes calls wait checks it before dispatch.
+    client_gone: Callable[[], bool] = lambda: False
 
     @property
     def is_grpc(self) -> bool:
@@ -175,6 +196,13 @@ class Call:
         if self.log_fields is None:
             self.log_fields = {}
         self.log_fields[name] = value
+
+    def flag(self, name: str) -> None:
+        """Note that `name` (one of RESPONSE_FLAGS) acted on this call."""
+        if self.flags is None:
+            self.flags = [name]
+        elif name not in self.flags:
+            self.flags.append(name)
 
 
 @dataclass(eq=False, slots=True)

@@ -119,6 +119,39 @@ class RouteMatch:
     method: str | None = None
 
 
+# What a retry may follow (route `retry.retry_on`). HTTP/2 statuses and gRPC
+# codes apply to HTTP/2 and gRPC calls; Thrift calls retry connect failures,
+# and the others only for methods listed in `idempotent_methods`.
+RETRY_ON = (
+    "connect-failure", "refused-stream", "reset", "per-try-timeout", "gateway-error", "5xx",
+    "unavailable", "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """Linkerd-style: over `window`, retries <= ratio x first attempts + min_per_second x window."""
+
+    ratio: float = 0.2
+    min_per_second: float = 3.0
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 1  # in all, the first one included
+    per_try_timeout: float = 0.0  # 0: each try may use what is left of the call's deadline
+    retry_on: tuple[str, ...] = ("connect-failure", "refused-stream")
+    retry_statuses: tuple[int, ...] = ()  # more HTTP statuses that are retried (e.g. 409)
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    budget: RetryBudget = RetryBudget()
+    # Thrift methods that are safe to send twice ("*": every method).
+    idempotent_methods: tuple[str, ...] = ()
+    # A request body is kept for a retry up to this size; a longer one is not retried.
+    max_body_bytes: int = 64 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -131,6 +164,7 @@ class Route:
     # picked by a hash of that header's value (the same value, the same cluster).
     weighted: tuple[tuple[str, int], ...] = ()
     sticky_header: str = ""
+    retry: RetryPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +268,82 @@ class ThriftCluster:
     idle_timeout: float = 300.0
 
 
+BREAKER_KEYS = ("cluster", "service", "method")
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """What an open breaker answers instead of 503 / UNAVAILABLE."""
+
+    status: int = 503
+    grpc_status: int = 14
+    message: str = "circuit breaker open"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    """Concurrency caps for the whole cluster, and error breakers per key.
+
+    A key's breaker opens on `error_ratio` (over `window`, once `min_requests`
+    calls were seen), on `consecutive_errors`, or when a `slow_ratio` share of
+    calls took longer than `slow_threshold`; 0 turns a trigger off.
+    """
+
+    key: str = "cluster"  # cluster | service | method
+    error_ratio: float = 0.0
+    consecutive_errors: int = 0
+    slow_threshold: float = 0.0
+    slow_ratio: float = 0.0
+    window: float = 10.0
+    min_requests: int = 20
+    open_for: float = 5.0
+    half_open_requests: int = 1  # probes let through once open_for has passed
+    max_keys: int = 1000  # breakers kept per cluster (least recently used go first)
+    fallback: Fallback | None = None
+    # Caps for the whole cluster, 0 for none (Envoy's circuit_breakers thresholds).
+    max_connections: int = 0
+    max_pending: int = 0
+    max_requests: int = 0
+    max_retries: int = 0
+
+    @property
+    def has_error_triggers(self) -> bool:
+        return bool(self.error_ratio or self.consecutive_errors or self.slow_ratio)
+
+
+@dataclass(frozen=True, slots=True)
+class Outlier:
+    """Passive health: eject an endpoint after consecutive gateway errors or connect failures."""
+
+    consecutive_errors: int = 5
+    base_ejection: float = 30.0  # times the number of times it was ejected, up to max_ejection
+    max_ejection: float = 300.0
+    max_ejected_percent: int = 10
+
+
+HEALTH_CHECK_TYPES = ("grpc", "http", "thrift")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    type: str  # grpc: grpc.health.v1.Health/Check; http: GET path; thrift: call `method`
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    path: str = "/healthz"  # http
+    service: str = ""  # grpc: the service asked about ("" = the server); thrift: "Service:" prefix
+    method: str = "ping"  # thrift: a method with no arguments
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicWeights:
+    """Endpoint weights follow an EWMA of latency and success; a slow endpoint gets less."""
+
+    decay: float = 10.0  # the EWMA's time constant
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
@@ -247,6 +357,10 @@ class Cluster:
     # The unit each endpoint belongs to ("" for none), in endpoint order: an
     # endpoint given as {address, unit}. unit_routing with `subset: true` uses it.
     endpoint_units: tuple[str, ...] = ()
+    breaker: Breaker | None = None
+    outlier: Outlier | None = None
+    health_check: HealthCheck | None = None
+    dynamic_weights: DynamicWeights | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,7 +632,8 @@ def _limits(r: _Reader, raw: object, cls: type[T]) -> T:
 
 
 def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) -> Route:
-    m = r.mapping(raw, ("name", "match", "cluster", "clusters", "sticky", "timeout", "filters"), required=("match",))
+    m = r.mapping(raw, ("name", "match", "cluster", "clusters", "sticky", "timeout", "filters", "retry"),
+                  required=("match",))
     name = r.value(m, "name", _string, f"{listener}.{index}")
     cluster = r.value(m, "cluster", _string, "")
     weighted = r.value(m, "clusters", _weighted_clusters, ())
@@ -536,7 +651,8 @@ def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) ->
                 pass
         if "clusters" not in m:
             r.problem("only with clusters (weights)", "sticky")
-    extra = {"weighted": weighted, "sticky_header": sticky}
+    retry = _section(r, m, "retry", lambda raw: _retry(r, raw, protocol), None)
+    extra = {"weighted": weighted, "sticky_header": sticky, "retry": retry}
     timeout = r.value(m, "timeout", parse_duration, 15.0)
     filters: tuple[FilterSpec, ...] = ()
     if "filters" in m:
@@ -558,6 +674,180 @@ def _route(r: _Reader, raw: object, listener: str, index: int, protocol: str) ->
                     headers = r.each(mm["headers"], lambda _, h: _header_match(r, h))
             match = RouteMatch(prefix=prefix, path=path, headers=tuple(h for _, h in headers))
     return Route(name=name, match=match, cluster=cluster, timeout=timeout, filters=filters, **extra)
+
+
+def _retry(r: _Reader, raw: object, protocol: str) -> RetryPolicy:
+    m = r.mapping(raw, ("attempts", "per_try_timeout", "retry_on", "retry_statuses", "backoff", "budget",
+                        "idempotent_methods", "max_body_bytes"))
+    d = RetryPolicy()
+    retry_on = r.value(m, "retry_on", _retry_on, d.retry_on)
+    if "idempotent_methods" in m and protocol != "thrift":
+        r.problem("only for thrift listeners (HTTP/2 and gRPC retry by retry_on)", "idempotent_methods")
+    base, cap = d.backoff_base, d.backoff_max
+    if "backoff" in m:
+        with r.at("backoff"):
+            try:
+                b = r.mapping(m["backoff"], ("base", "max"))
+                base = r.value(b, "base", _positive_duration, base)
+                cap = r.value(b, "max", _positive_duration, max(cap, base))
+                if cap < base:
+                    r.problem(f"must not be less than base ({base}s)", "max")
+            except _Invalid:
+                pass
+    budget = d.budget
+    if "budget" in m:
+        with r.at("budget"):
+            try:
+                b = r.mapping(m["budget"], ("ratio", "min_per_second", "window"))
+                budget = RetryBudget(
+                    r.value(b, "ratio", _ratio, budget.ratio),
+                    r.value(b, "min_per_second", _non_negative_number, budget.min_per_second),
+                    r.value(b, "window", _positive_duration, budget.window),
+                )
+            except _Invalid:
+                pass
+    return RetryPolicy(
+        attempts=r.value(m, "attempts", _bounded_int(1, 10), d.attempts),
+        per_try_timeout=r.value(m, "per_try_timeout", parse_duration, d.per_try_timeout),
+        retry_on=retry_on,
+        retry_statuses=r.value(m, "retry_statuses", _http_statuses, ()),
+        backoff_base=base,
+        backoff_max=cap,
+        budget=budget,
+        idempotent_methods=r.value(m, "idempotent_methods", _string_tuple, ()),
+        max_body_bytes=r.value(m, "max_body_bytes", parse_size, d.max_body_bytes),
+    )
+
+
+def _retry_on(raw: object) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a list of conditions ({', '.join(RETRY_ON)})")
+    for item in raw:
+        if item not in RETRY_ON:
+            raise ValueError(f"unknown condition {item!r} (expected: {', '.join(RETRY_ON)})")
+    return tuple(raw)
+
+
+def _http_statuses(raw: object) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 400 <= x <= 599
+                                            for x in raw):
+        raise ValueError("expected a list of HTTP statuses from 400 to 599")
+    return tuple(raw)
+
+
+def _ratio(raw: object) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 1:
+        raise ValueError(f"expected a number from 0 to 1, got {raw!r}")
+    return float(raw)
+
+
+def _non_negative_number(raw: object) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < 0:
+        raise ValueError(f"expected a number of at least 0, got {raw!r}")
+    return float(raw)
+
+
+def _bounded_int(low: int, high: int) -> Callable[[object], int]:
+    def parse(raw: object) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}, got {raw!r}")
+        return raw
+
+    return parse
+
+
+def _breaker(r: _Reader, raw: object) -> Breaker:
+    names = tuple(n for n in Breaker.__dataclass_fields__ if n not in ("slow_threshold", "slow_ratio"))
+    m = r.mapping(raw, (*names, "slow_call"))
+    d = Breaker()
+    slow_threshold, slow_ratio = d.slow_threshold, d.slow_ratio
+    if "slow_call" in m:
+        with r.at("slow_call"):
+            try:
+                sm = r.mapping(m["slow_call"], ("threshold", "ratio"), required=("threshold", "ratio"))
+                slow_threshold = r.value(sm, "threshold", _positive_duration, 1.0)
+                slow_ratio = r.value(sm, "ratio", _ratio, 0.5)
+            except _Invalid:
+                pass
+    fallback = _section(r, m, "fallback", lambda raw: _fallback(r, raw), None)
+    cap = _bounded_int(0, 1_000_000)
+    return Breaker(
+        key=r.value(m, "key", _one_of(BREAKER_KEYS), d.key),
+        error_ratio=r.value(m, "error_ratio", _ratio, d.error_ratio),
+        consecutive_errors=r.value(m, "consecutive_errors", cap, d.consecutive_errors),
+        slow_threshold=slow_threshold,
+        slow_ratio=slow_ratio,
+        window=r.value(m, "window", _positive_duration, d.window),
+        min_requests=r.value(m, "min_requests", _positive_int, d.min_requests),
+        open_for=r.value(m, "open_for", _positive_duration, d.open_for),
+        half_open_requests=r.value(m, "half_open_requests", _bounded_int(1, 1000), d.half_open_requests),
+        max_keys=r.value(m, "max_keys", _bounded_int(1, 100_000), d.max_keys),
+        fallback=fallback,
+        max_connections=r.value(m, "max_connections", cap, 0),
+        max_pending=r.value(m, "max_pending", cap, 0),
+        max_requests=r.value(m, "max_requests", cap, 0),
+        max_retries=r.value(m, "max_retries", cap, 0),
+    )
+
+
+def _fallback(r: _Reader, raw: object) -> Fallback:
+    m = r.mapping(raw, ("status", "grpc_status", "message", "headers"))
+    headers = r.value(m, "headers", _header_pairs, ())
+    return Fallback(
+        status=r.value(m, "status", _bounded_int(200, 599), 503),
+        grpc_status=r.value(m, "grpc_status", _bounded_int(0, 16), 14),
+        message=r.value(m, "message", lambda v: v if isinstance(v, str) else _string(v), "circuit breaker open"),
+        headers=headers,
+    )
+
+
+def _header_pairs(raw: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in raw.items()):
+        raise ValueError("expected a mapping of header names to string values")
+    return tuple((k.lower(), v) for k, v in raw.items())
+
+
+def _outlier(r: _Reader, raw: object) -> Outlier:
+    m = r.mapping(raw, tuple(Outlier.__dataclass_fields__))
+    d = Outlier()
+    base = r.value(m, "base_ejection", _positive_duration, d.base_ejection)
+    return Outlier(
+        consecutive_errors=r.value(m, "consecutive_errors", _positive_int, d.consecutive_errors),
+        base_ejection=base,
+        max_ejection=r.value(m, "max_ejection", _positive_duration, max(d.max_ejection, base)),
+        max_ejected_percent=r.value(m, "max_ejected_percent", _bounded_int(0, 100), d.max_ejected_percent),
+    )
+
+
+def _health_check(r: _Reader, raw: object, protocol: str) -> HealthCheck:
+    m = r.mapping(raw, tuple(HealthCheck.__dataclass_fields__), required=("type",))
+    kind = r.value(m, "type", _one_of(HEALTH_CHECK_TYPES), "thrift" if protocol == "thrift" else "grpc")
+    if (kind == "thrift") != (protocol == "thrift"):
+        r.problem(f"a {protocol} cluster cannot be checked with type {kind}", "type")
+    for key, used_by in (("path", "http"), ("method", "thrift")):
+        if key in m and kind != used_by:
+            r.problem(f"only for type: {used_by}", key)
+    d = HealthCheck(kind)
+    check = HealthCheck(
+        type=kind,
+        interval=r.value(m, "interval", _positive_duration, d.interval),
+        timeout=r.value(m, "timeout", _positive_duration, d.timeout),
+        healthy_threshold=r.value(m, "healthy_threshold", _bounded_int(1, 100), d.healthy_threshold),
+        unhealthy_threshold=r.value(m, "unhealthy_threshold", _bounded_int(1, 100), d.unhealthy_threshold),
+        path=r.value(m, "path", _path_string, d.path),
+        service=r.value(m, "service", _string, d.service),
+        method=r.value(m, "method", _name_part, d.method),
+    )
+    if check.timeout > check.interval:
+        r.problem(f"must not be longer than interval ({check.interval}s)", "timeout")
+    return check
+
+
+def _dynamic_weights(r: _Reader, raw: object) -> DynamicWeights:
+    if raw is True:
+        return DynamicWeights()
+    m = r.mapping(raw, ("decay",))
+    return DynamicWeights(r.value(m, "decay", _positive_duration, DynamicWeights().decay))
 
 
 def _weighted_clusters(raw: object) -> tuple[tuple[str, int], ...]:
@@ -683,7 +973,8 @@ def _listener(r: _Reader, raw: object, index: int) -> _Parsed:
 def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
     m = r.mapping(
         raw,
-        ("name", "protocol", "endpoints", "lb", "connect_timeout", "http2", "thrift", "tls"),
+        ("name", "protocol", "endpoints", "lb", "connect_timeout", "http2", "thrift", "tls", "breaker", "outlier",
+         "health_check", "dynamic_weights"),
         required=("name", "endpoints"),
     )
     name = r.value(m, "name", _string, f"cluster{index}")
@@ -709,8 +1000,13 @@ def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
     if (tls.mode != "disable" and not tls.server_name and not tls.peer_identities
             and any(e.kind == "unix" for e in endpoints)):
         r.problem("a unix endpoint has no host name to verify: set server_name or peer_identities", "tls")
-    return Cluster(name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift, tls,
-                   tuple(units) if any(units) else ())
+    return Cluster(
+        name, protocol, tuple(endpoints), lb, connect_timeout, http2, thrift, tls, tuple(units) if any(units) else (),
+        breaker=_section(r, m, "breaker", lambda raw: _breaker(r, raw), None),
+        outlier=_section(r, m, "outlier", lambda raw: _outlier(r, raw), None),
+        health_check=_section(r, m, "health_check", lambda raw: _health_check(r, raw, protocol), None),
+        dynamic_weights=_section(r, m, "dynamic_weights", lambda raw: _dynamic_weights(r, raw), None),
+    )
 
 
 def _tls_file(r: _Reader) -> Callable[[object], str]:

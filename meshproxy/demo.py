@@ -26,12 +26,19 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class ExampleBackend:
-    """h2c origin; counts the requests it saw (tests read `.requests`, `.resets`)."""
+    """h2c origin; counts the requests it saw (tests read `.requests`, `.resets`).
+
+    Tests make it fail on command: a non-zero `fail_status` answers every
+    request with that status; `stall` leaves requests unanswered until set back.
+    """
 
     def __init__(self) -> None:
         self.requests: list[Headers] = []
         self.resets = 0
         self.port = 0
+        self.body_sizes: list[int] = []  # of each whole request body received (not /echo's)
+        self.fail_status = 0
+        self.stall = False
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -92,9 +99,12 @@ class ExampleBackend:
                     conn.send_headers(sid, [(b"x-echo-done", b"1")], end_stream=True)
                     await flush()
                     return
+                size = 0
                 async for chunk in body:
                     if chunk is None:
                         break
+                    size += len(chunk)
+                self.body_sizes.append(size)
                 if path.startswith("/size/"):
                     payload = b"x" * int(path[6:])
                 elif path.startswith("/slow/"):
@@ -102,7 +112,10 @@ class ExampleBackend:
                     payload = b"slow\n"
                 else:
                     payload = b"hello from the example backend\n"
+                while self.stall:
+                    await trio.sleep(0.01)
                 status = int(path[8:]) if path.startswith("/status/") else 200
+                status = self.fail_status or status
                 conn.send_headers(sid, [(b":status", str(status).encode()), (b"content-length", str(len(payload)).encode())])
                 await send_body(sid, payload)
 

@@ -6,7 +6,12 @@ render bytes (drivers do that, once, per protocol).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from meshproxy import status
+
+if TYPE_CHECKING:
+    from meshproxy.config import Fallback
 
 
 class ProxyError(Exception):
@@ -43,6 +48,19 @@ class UpstreamOverflow(ProxyError):
     http_status, grpc_status, reason = 503, status.UNAVAILABLE, "upstream_overflow"
 
 
+class BreakerOpen(ProxyError):
+    """An error breaker is open: answered without touching the upstream (or with its fallback)."""
+
+    http_status, grpc_status, reason = 503, status.UNAVAILABLE, "breaker_open"
+
+    def __init__(self, message: str = "", fallback: Fallback | None = None) -> None:
+        super().__init__(message if fallback is None else fallback.message)
+        self.headers: list[tuple[bytes, bytes]] = []
+        if fallback is not None:
+            self.http_status, self.grpc_status = fallback.status, fallback.grpc_status
+            self.headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fallback.headers]
+
+
 class UpstreamReset(ProxyError):
     http_status, grpc_status, reason = 503, status.UNAVAILABLE, "upstream_reset"
 
@@ -59,3 +77,7 @@ class UpstreamTimeout(ProxyError):
     http_status, grpc_status, reason = 504, status.DEADLINE_EXCEEDED, "timeout"
 
 
+class PerTryTimeout(UpstreamTimeout):
+    """One attempt's per_try_timeout passed before the upstream answered."""
+
+    reason = "per_try_timeout"

@@ -97,6 +97,23 @@ class Metrics:
     risk_fail_closed: Counter
     risk_report_dropped: Counter
     risk_cache_lookups: Counter
+    # Governance: retries, breakers, outlier ejection, health checks (per cluster), and
+    # the rate_limit and overload filters (per listener). Endpoint labels are the
+    # config's endpoint addresses; priorities come from the overload filter's bounded range.
+    retries: Counter
+    retries_refused: Counter
+    breaker_transitions: Counter
+    breaker_rejected: Counter
+    breakers_open: Gauge
+    outlier_ejections: Counter
+    endpoints_ejected: Gauge
+    health_checks: Counter
+    endpoint_healthy: Gauge
+    rate_limited: Counter
+    overload_shed: Counter
+    overload_limit: Gauge
+    overload_in_flight: Gauge
+    overload_queue_seconds: Histogram
     # prometheus_client's .labels() hashes and validates on every call; the
     # label sets are bounded, so the children are cached here.
     _children: dict[Any, Any]
@@ -237,6 +254,63 @@ class Metrics:
             risk_cache_lookups=Counter(
                 "meshproxy_risk_cache_lookups", "risk_control verdict cache lookups by result (hit, miss)",
                 ("listener", "result"), registry=r,
+            ),
+            retries=Counter(
+                "meshproxy_upstream_retries", "Upstream attempts after the first, by the condition retried",
+                ("destination_service", "condition"), registry=r,
+            ),
+            retries_refused=Counter(
+                "meshproxy_upstream_retries_refused", "Retries that were due but not made, by reason (budget, "
+                "max_retries, deadline, body_too_large, not_idempotent)", ("destination_service", "reason"), registry=r,
+            ),
+            breaker_transitions=Counter(
+                "meshproxy_breaker_transitions", "Error breakers changing state (to: open, half_open, closed)",
+                ("destination_service", "to"), registry=r,
+            ),
+            breaker_rejected=Counter(
+                "meshproxy_breaker_rejected", "Calls refused without touching the upstream, by reason (open, "
+                "max_requests, max_pending, max_connections)", ("destination_service", "reason"), registry=r,
+            ),
+            breakers_open=Gauge(
+                "meshproxy_breakers_open", "Error breakers open or half-open now (one per key)",
+                ("destination_service",), registry=r,
+            ),
+            outlier_ejections=Counter(
+                "meshproxy_outlier_ejections", "Endpoints ejected by outlier detection, by reason "
+                "(consecutive_errors; skipped_max_percent when the cap kept it in)", ("destination_service", "reason"),
+                registry=r,
+            ),
+            endpoints_ejected=Gauge(
+                "meshproxy_endpoints_ejected", "Endpoints ejected now", ("destination_service",), registry=r,
+            ),
+            health_checks=Counter(
+                "meshproxy_health_checks", "Active health checks by result (ok, failed, timeout, connect_failed)",
+                ("destination_service", "result"), registry=r,
+            ),
+            endpoint_healthy=Gauge(
+                "meshproxy_endpoint_healthy", "1 if the endpoint passes its active health checks, 0 if not",
+                ("destination_service", "endpoint"), registry=r,
+            ),
+            rate_limited=Counter(
+                "meshproxy_rate_limited", "Calls refused by a rate_limit filter, by the filter's limit name",
+                ("listener", "limit"), registry=r,
+            ),
+            overload_shed=Counter(
+                "meshproxy_overload_shed", "Calls the overload filter refused, by priority and reason "
+                "(limit, queue_timeout, queue_full, cpu, qps, deadline, client_gone)",
+                ("listener", "priority", "reason"), registry=r,
+            ),
+            overload_limit=Gauge(
+                "meshproxy_overload_limit", "The overload filter's adaptive concurrency limit now",
+                ("listener",), registry=r,
+            ),
+            overload_in_flight=Gauge(
+                "meshproxy_overload_in_flight", "Calls the overload filter dispatched that have not finished",
+                ("listener",), registry=r,
+            ),
+            overload_queue_seconds=Histogram(
+                "meshproxy_overload_queue_seconds", "Time a call waited in the overload filter before dispatch",
+                ("listener",), buckets=DURATION_BUCKETS, registry=r,
             ),
             _children={},
         )

@@ -11,21 +11,26 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 from h2.errors import ErrorCodes
 
-from meshproxy import status
+from meshproxy import retry, status
 from meshproxy.accesslog import AccessLog
+from meshproxy.attempts import Budgets, Retrying, Tape
 from meshproxy.call import Body, Call, ChunkObserver, Completion, Headers, Protocol, Response
 from meshproxy.codec import grpc
 from meshproxy.config import Listener as ListenerConfig
 from meshproxy.drivers.h2 import ServerLink, Stream, StreamReset
 from meshproxy.errors import (
+    BreakerOpen,
     NoRoute,
+    PerTryTimeout,
     ProxyError,
+    UpstreamOverflow,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -34,6 +39,8 @@ from meshproxy.filters.base import Chain, Respond
 from meshproxy.metrics import Metrics
 from meshproxy.router import Router
 from meshproxy.upstream.cluster import Cluster
+from meshproxy.upstream.guard import Admission, Guard
+from meshproxy.upstream.pool import EndpointPool
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,8 @@ class HttpProxy:
     def __init__(self, state: ListenerState) -> None:
         self.state = state
         self._ids = 0
+        self._budgets = Budgets()
+        self._rng = random.Random()
 
     async def handle(self, link: ServerLink, stream: Stream, raw: Headers) -> None:
         state = self.state
@@ -154,6 +163,7 @@ class HttpProxy:
             deadline=deadline,
             scheme=scheme.decode("latin-1"),
             request_id=request_id.decode("latin-1"),
+            client_gone=lambda: stream.reset_code is not None,
         )
         out = _Outcome()
         active = metrics.child(metrics.downstream_streams_active, name)
@@ -226,35 +236,89 @@ class HttpProxy:
             # The whole request is here already (unary calls, GETs): keep it,
             # so a stream the upstream refused unprocessed can be sent again.
             replay = self._take_body(call, link, stream)
-        attempts = 0
+        retrying = None
+        policy = call.route.retry if call.route is not None else None
+        if policy is not None and policy.attempts > 1:
+            retrying = Retrying(call, cluster.name, cluster.guard, policy, self._budgets.for_route(call.route),
+                                state.metrics, self._rng, None if replay is not None else Tape(policy.max_body_bytes))
+        guard = cluster.guard
+        refused = 0
+        last: EndpointPool | None = None
         while True:
+            now = trio.current_time()
+            admission = guard.admit(call.path, now, retrying is not None and retrying.attempt > 1) \
+                if guard.active else None
             end_on_headers = replay == b"" and stream.trailers is None
-            pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers, call.endpoint_unit)
-            out.upstream = call.upstream_address = pool.name
             try:
+                pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers, call.endpoint_unit, last)
+            except UpstreamUnavailable:
+                guard.abandon(admission)
+                if retrying is not None and await retrying.again(retry.CONNECT_FAILURE):
+                    continue
+                raise
+            except BaseException:
+                guard.abandon(admission)
+                raise
+            last = pool
+            out.upstream = call.upstream_address = pool.name
+            if not pool.healthy(now):
+                call.flag("no_healthy_upstream")
+            failure: Exception | _Retry | None = None
+            try:
+                if retrying is not None:
+                    retrying.start(now)
                 if replay is None:
-                    failure = await self._exchange_streaming(call, link, stream, body, ustream, state, out)
+                    failure = await self._exchange_streaming(call, link, stream, body, ustream, state, out, retrying)
                 else:
-                    failure = await self._exchange(call, link, stream, replay, end_on_headers, ustream, state, out)
+                    failure = await self._exchange(call, link, stream, replay, end_on_headers, ustream, state, out,
+                                                   retrying)
             finally:
                 if ustream.done:
                     ulink.forget(ustream)
                 else:
                     ulink.reset(ustream, ErrorCodes.CANCEL)
                 cluster.stream_done(pool)
-            # RFC 9113 8.7: a refused stream was not processed; safe to send again.
-            if (
-                isinstance(failure, StreamReset)
-                and failure.code == ErrorCodes.REFUSED_STREAM
-                and replay is not None
-                and not out.response_started
-                and attempts < MAX_REFUSED_RETRIES
-            ):
-                attempts += 1
+                if admission is not None:
+                    self._account(call, guard, admission, pool, out, failure)
+            if isinstance(failure, _Retry):
+                await trio.sleep(failure.delay)
                 continue
-            if failure is not None:
-                raise failure
+            if failure is None:
+                return
+            if not out.response_started:
+                kind = _failure_kind(failure)
+                if retrying is not None and kind is not None and await retrying.again(kind):
+                    continue
+                # RFC 9113 8.7: a refused stream was not processed; safe to send again
+                # (a GOAWAY can refuse many at once), whatever the route's policy.
+                if (
+                    isinstance(failure, StreamReset)
+                    and failure.code == ErrorCodes.REFUSED_STREAM
+                    and replay is not None
+                    and refused < MAX_REFUSED_RETRIES
+                ):
+                    refused += 1
+                    continue
+            raise failure
+
+    @staticmethod
+    def _account(call: Call, guard: Guard, admission: Admission, pool: EndpointPool, out: _Outcome,
+                 failure: Exception | _Retry | None) -> None:
+        """Tell the cluster's guard how one attempt went."""
+        now = trio.current_time()
+        if isinstance(failure, _Retry):
+            verdict = guard.done(admission, pool, now, failure.status, failure.grpc_status)
+        elif failure is not None and not out.response_started:
+            local = not isinstance(failure, ProxyError) or isinstance(failure, UpstreamTimeout)
+            verdict = guard.done(admission, pool, now, 0 if local else 503, "", local_failure=local)
+        elif out.status:
+            verdict = guard.done(admission, pool, now, out.status, out.grpc_status,
+                                 local_failure=failure is not None)
+        else:  # the client left first: no outcome to count
+            guard.abandon(admission)
             return
+        if verdict == "ejected":
+            call.flag("ejected")
 
     async def _exchange(
         self,
@@ -266,7 +330,8 @@ class HttpProxy:
         ustream: Stream,
         state: ListenerState,
         out: _Outcome,
-    ) -> Exception | None:
+        retrying: Retrying | None,
+    ) -> Exception | _Retry | None:
         """A request held whole: send it, then relay the response. No extra task."""
         try:
             if not end_on_headers:
@@ -274,7 +339,10 @@ class HttpProxy:
                     await ustream.link.send_data(ustream, replay, end=stream.trailers is None)
                 if stream.trailers is not None:
                     ustream.link.send_headers(ustream, stream.trailers, True)
-            await self._respond(call, link, stream, ustream, state, out)
+            head = await _wait_head(ustream, retrying)
+            if retrying is not None and (again := _retry_reply(retrying, head, ustream)) is not None:
+                return again
+            await self._respond(call, link, stream, ustream, head, state, out)
         except (StreamReset, ProxyError) as e:
             return e
         return None
@@ -288,13 +356,21 @@ class HttpProxy:
         ustream: Stream,
         state: ListenerState,
         out: _Outcome,
-    ) -> Exception | None:
+        retrying: Retrying | None,
+    ) -> Exception | _Retry | None:
         """A request body still arriving: a task forwards it while the response is relayed."""
-        failure: Exception | None = None
+        failure: Exception | _Retry | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump_request, call, body, ustream)
+            if retrying is not None and retrying.tape is not None:
+                nursery.start_soon(_pump_taped, call, body, ustream, retrying.tape)
+            else:
+                nursery.start_soon(_pump_request, call, body, ustream)
             try:
-                await self._respond(call, link, stream, ustream, state, out)
+                head = await _wait_head(ustream, retrying)
+                if retrying is not None and (again := _retry_reply(retrying, head, ustream)) is not None:
+                    failure = again
+                else:
+                    await self._respond(call, link, stream, ustream, head, state, out)
             except (StreamReset, ProxyError) as e:
                 # Caught here, not from the nursery: no exception group.
                 failure = e
@@ -317,9 +393,9 @@ class HttpProxy:
         return data
 
     async def _respond(
-        self, call: Call, link: ServerLink, stream: Stream, ustream: Stream, state: ListenerState, out: _Outcome
+        self, call: Call, link: ServerLink, stream: Stream, ustream: Stream, head: Headers, state: ListenerState,
+        out: _Outcome,
     ) -> None:
-        head = await ustream.wait_head()
         status = int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
         response = Response(status, [(k, v) for k, v in head if k[0] != 58], ustream)
         chain = out.chain or state.chain
@@ -346,8 +422,14 @@ class HttpProxy:
         if out.response_started:
             link.reset(stream, ErrorCodes.INTERNAL_ERROR)
             return
+        extra: Headers | None = None
+        if isinstance(e, BreakerOpen):
+            call.flag("breaker_open")
+            extra = e.headers
+        elif isinstance(e, UpstreamOverflow):
+            call.flag("overflow")
         self.state.metrics.child(self.state.metrics.local_replies, call.listener, e.reason).inc()
-        await self._reply(call, link, stream, out, e.http_status, e.grpc_status, e.message)
+        await self._reply(call, link, stream, out, e.http_status, e.grpc_status, e.message, extra)
 
     async def _upstream_reset(self, call: Call, link: ServerLink, stream: Stream, out: _Outcome, e: StreamReset) -> None:
         if stream.reset_code is not None:
@@ -469,6 +551,7 @@ class HttpProxy:
                 "peer": call.peer.address,
                 "security": call.peer.security,
                 "peer_identity": call.peer.identity,
+                "response_flags": call.flags,
                 **(call.log_fields or {}),  # what filters added (the authz decision, ...)
             })
 
@@ -517,6 +600,66 @@ async def _pump_request(call: Call, body: Body, ustream: Stream) -> None:
             ustream.link.end_stream(ustream)
     except StreamReset:
         # Either side reset: the response side sees it and answers for the call.
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """An upstream reply the route retries instead of forwarding (its outcome, for the guard)."""
+
+    delay: float
+    status: int
+    grpc_status: str
+
+
+def _retry_reply(retrying: Retrying, head: Headers, ustream: Stream) -> _Retry | None:
+    """The upstream's response head: a _Retry if it is retried rather than forwarded."""
+    status = int(dict(head)[b":status"])
+    # A gRPC failure comes trailers-only (its status in the head, the stream ended).
+    grpc_status = _grpc_status(head) if retrying.call.is_grpc and ustream.ended else ""
+    condition = retry.http_condition(retrying.policy, status, grpc_status or None)
+    if condition is None:
+        return None
+    delay = retrying.decide(condition)
+    return None if delay is None else _Retry(delay, status, grpc_status)
+
+
+async def _wait_head(ustream: Stream, retrying: Retrying | None) -> Headers:
+    """The upstream's response head, within the attempt's per-try timeout."""
+    if retrying is None or retrying.try_deadline == math.inf:
+        return await ustream.wait_head()
+    with trio.move_on_at(retrying.try_deadline):
+        return await ustream.wait_head()
+    raise PerTryTimeout(f"no response within per_try_timeout ({retrying.policy.per_try_timeout:g}s)")
+
+
+def _failure_kind(failure: Exception) -> str | None:
+    """What retry_on calls a failed attempt, or None if it is never retried."""
+    if isinstance(failure, StreamReset):
+        return retry.REFUSED_STREAM if failure.code == ErrorCodes.REFUSED_STREAM else retry.RESET
+    if isinstance(failure, PerTryTimeout):
+        return retry.PER_TRY_TIMEOUT
+    return None
+
+
+async def _pump_taped(call: Call, body: Body, ustream: Stream, tape: Tape) -> None:
+    """_pump_request for a call that may be retried: what earlier attempts sent
+    goes again from the tape, then the rest comes from the client (observed once)."""
+    link = ustream.link
+    try:
+        for chunk in tape.chunks:
+            await link.send_data(ustream, chunk, False)
+        while chunk := await body.read():
+            for observe in call.request_observers:
+                observe(call, chunk)
+            # On the tape before it is sent: a cancelled send must not lose it.
+            tape.add(chunk)
+            await link.send_data(ustream, chunk, False)
+        if body.trailers is not None:
+            link.send_headers(ustream, body.trailers, True)
+        else:
+            link.end_stream(ustream)
+    except StreamReset:
         pass
 
 

@@ -12,17 +12,29 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from typing import Any
 
 import trio
 
+from meshproxy import retry
+from meshproxy.attempts import Budgets, Retrying
 from meshproxy.call import BytesBody, Call, Completion, Headers, Protocol, Response
 from meshproxy.codec import theader, thrift, ttheader
 from meshproxy.codec.errors import ThriftError
 from meshproxy.drivers.thrift import ServerConnection, Slot, flush_writes
-from meshproxy.errors import NoRoute, ProxyError, UpstreamTimeout, UpstreamUnavailable
+from meshproxy.errors import (
+    BreakerOpen,
+    NoRoute,
+    PerTryTimeout,
+    ProxyError,
+    UpstreamOverflow,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from meshproxy.filters.base import Respond
 from meshproxy.proxy import ListenerState, complete
+from meshproxy.upstream.guard import Admission
 from meshproxy.upstream.thrift_cluster import ThriftCluster, ThriftEndpointPool
 
 log = logging.getLogger(__name__)
@@ -37,7 +49,8 @@ _STATUS = {code: str(code) for code in range(100, 600)}
 class _Pending:
     """One call between its request and its end."""
 
-    __slots__ = ("call", "chain", "cluster", "conn", "msg", "pool", "ran", "state")
+    __slots__ = ("admission", "call", "chain", "changed", "cluster", "conn", "last", "msg", "pool", "ran",
+                 "retrying", "state", "transport")
 
     def __init__(self, call: Call, msg: thrift.Message, conn: ServerConnection, state: ListenerState) -> None:
         self.call = call
@@ -45,7 +58,12 @@ class _Pending:
         self.conn = conn
         self.state = state
         self.cluster: ThriftCluster | None = None
-        self.pool: ThriftEndpointPool | None = None
+        self.pool: ThriftEndpointPool | None = None  # while an attempt is in flight
+        self.last: ThriftEndpointPool | None = None  # the latest attempt's endpoint
+        self.admission: Admission | None = None  # the latest attempt's, until its outcome is counted
+        self.retrying: Retrying | None = None
+        self.transport = ""  # the upstream framing
+        self.changed = False  # filters changed the metadata: re-encode the header
         self.ran = 0
         self.chain = state.chain
 
@@ -56,6 +74,8 @@ class ThriftProxy:
     def __init__(self, state: ListenerState) -> None:
         self.state = state
         self._ids = 0
+        self._budgets = Budgets()
+        self._rng = random.Random()
         self._method_labels: set[tuple[str, str]] = set()
         self._children: dict[tuple[object, ...], tuple[Any, ...]] = {}
 
@@ -104,6 +124,8 @@ class ThriftProxy:
         )
         p = _Pending(call, msg, conn, state)
         slot = conn.open_slot() if mtype == thrift.CALL else None
+        if slot is not None:
+            call.client_gone = lambda: slot.done
         try:
             await self._forward(p, slot)
         except ProxyError as e:
@@ -145,36 +167,73 @@ class ThriftProxy:
                 f"cluster '{cluster.name}' speaks {cluster.options.protocol}, "
                 f"the call {thrift.PROTOCOL_NAMES[msg.head.protocol]}"
             )
-        transport = cluster.fixed_transport(msg.transport)
-        ready = cluster.ready(transport, call.endpoint_unit)
-        if ready is not None:
-            pool, link = ready
-        else:
-            with trio.move_on_at(call.deadline) as waited:
-                pool, link = await cluster.acquire(transport, call.endpoint_unit)
-            if waited.cancelled_caught:
-                raise UpstreamTimeout("deadline exceeded waiting for an upstream connection")
-            if slot is not None and slot.done:
-                return  # the client left while we waited
-        p.cluster, p.pool = cluster, pool
-        call.upstream_address = pool.name
-        seqid = link.next_seqid()
-        data = self._upstream_frame(p, transport, seqid, changed)
+        p.cluster = cluster
+        p.transport = cluster.fixed_transport(msg.transport)
+        p.changed = changed
+        policy = route.retry if route is not None else None
+        if policy is not None and policy.attempts > 1 and slot is not None:
+            method = call.path.rpartition("/")[2]
+            p.retrying = Retrying(call, cluster.name, cluster.guard, policy, self._budgets.for_route(route),
+                                  state.metrics, self._rng, thrift_method=method)
         for observe in call.request_observers:
             observe(call, msg.frame)
+        await self._dispatch(p, slot)
+
+    async def _dispatch(self, p: _Pending, slot: Slot | None) -> None:
+        """Send one attempt of the call: admitted by the cluster's guard, on a
+        connection with room (connect failures retried as the route allows)."""
+        call, cluster = p.call, p.cluster
+        assert cluster is not None
+        guard = cluster.guard
+        retrying = p.retrying
+        while True:
+            admission = guard.admit(call.path, trio.current_time(), retrying is not None and retrying.attempt > 1) \
+                if guard.active else None
+            ready = cluster.ready(p.transport, call.endpoint_unit) if p.last is None else None
+            if ready is not None:
+                pool, link = ready
+                break
+            try:
+                with trio.move_on_at(call.deadline) as waited:
+                    pool, link = await cluster.acquire(p.transport, call.endpoint_unit, p.last)
+            except UpstreamUnavailable:
+                guard.abandon(admission)
+                if retrying is not None and await retrying.again(retry.CONNECT_FAILURE):
+                    continue
+                raise
+            except BaseException:
+                guard.abandon(admission)
+                raise
+            if waited.cancelled_caught:
+                guard.abandon(admission)
+                raise UpstreamTimeout("deadline exceeded waiting for an upstream connection")
+            if slot is not None and slot.done:
+                guard.abandon(admission)
+                return  # the client left while we waited
+            break
+        p.pool = p.last = pool
+        call.upstream_address = pool.name
+        seqid = link.next_seqid()
+        data = self._upstream_frame(p, p.transport, seqid, p.changed)
         cluster.call_started(pool)
-        if slot is None:  # oneway: written is done
+        if slot is None:  # oneway: written is done, with no outcome to count
+            guard.abandon(admission)
             link.send(data, None, seqid)
             cluster.call_done(pool)
             self._record(p, 200, "", "oneway", len(data))
             return
+        p.admission = admission
         slot.context = p
         slot.on_reply = self._on_reply
         slot.on_timeout = self._on_timeout
         slot.on_lost = self._on_lost
         link.send(data, slot, seqid)
-        if call.deadline != math.inf:
-            p.conn.set_deadline(slot, call.deadline)
+        deadline = call.deadline
+        if retrying is not None:
+            retrying.start(trio.current_time())
+            deadline = min(deadline, retrying.try_deadline)
+        if deadline != math.inf:
+            p.conn.set_deadline(slot, deadline)
 
     def _upstream_frame(self, p: _Pending, transport: str, seqid: int, changed: bool) -> bytes:
         msg, call = p.msg, p.call
@@ -222,6 +281,8 @@ class ThriftProxy:
         conn = p.conn
         if not conn.finish(slot):
             return
+        # A TApplicationException is the server failing the call; a declared exception is a reply.
+        self._account(p, 500 if reply.head.mtype == thrift.EXCEPTION else 200)
         self._done_upstream(p)
         if p.chain.has_response_hooks:
             conn.nursery.start_soon(self._respond_with_filters, p, slot, reply)
@@ -268,18 +329,69 @@ class ThriftProxy:
 
     def _on_timeout(self, slot: Slot) -> None:
         p: _Pending = slot.context  # type: ignore[assignment]
+        now = trio.current_time()
+        if now < slot.deadline:
+            return  # the timer of an earlier attempt
+        if now < p.call.deadline and p.pool is not None:
+            # The per-try timeout: this attempt is given up, the call perhaps not.
+            per_try = p.retrying.policy.per_try_timeout if p.retrying is not None else 0.0
+            self._attempt_failed(p, slot, retry.PER_TRY_TIMEOUT,
+                                 PerTryTimeout(f"no reply within per_try_timeout ({per_try:g}s)"))
+            return
         if not p.conn.finish(slot):
             return
+        self._account(p, 0, local_failure=True)
         self._done_upstream(p)
         self._local_reply(p, slot, UpstreamTimeout("deadline exceeded"))
 
     def _on_lost(self, slot: Slot, reason: str) -> None:
         p: _Pending = slot.context  # type: ignore[assignment]
-        self._done_upstream(p)
-        if p.conn.finish(slot):
-            self._local_reply(p, slot, UpstreamUnavailable(reason))
-        else:  # the client went away first
+        if slot.done:  # the client went away first
+            self._abandon(p)
+            self._done_upstream(p)
             self._record(p, 0, "downstream_closed", "downstream_closed", 0)
+            return
+        self._attempt_failed(p, slot, retry.RESET, UpstreamUnavailable(reason))
+
+    def _attempt_failed(self, p: _Pending, slot: Slot, kind: str, failure: ProxyError) -> None:
+        """An attempt ended without a reply: send the call again if its route
+        allows, else answer with `failure`."""
+        self._account(p, 0, local_failure=True)
+        self._done_upstream(p)
+        if slot.upstream is not None:
+            slot.upstream.forget(slot)  # a late reply to this attempt is dropped
+        delay = p.retrying.failure_delay(kind) if p.retrying is not None else None
+        if delay is None:
+            if p.conn.finish(slot):
+                self._local_reply(p, slot, failure)
+            return
+        # Until the next attempt is sent, only the call's own deadline applies.
+        p.conn.set_deadline(slot, p.call.deadline)
+        p.conn.nursery.start_soon(self._retry, p, slot, delay)
+
+    async def _retry(self, p: _Pending, slot: Slot, delay: float) -> None:
+        await trio.sleep(delay)
+        if slot.done:  # the deadline passed or the client left during the backoff
+            return
+        try:
+            await self._dispatch(p, slot)
+        except ProxyError as e:
+            self._fail(p, slot, e)
+        flush_writes()
+
+    def _account(self, p: _Pending, status: int, local_failure: bool = False) -> None:
+        """Tell the cluster's guard how the latest attempt went."""
+        admission, p.admission = p.admission, None
+        if admission is None or p.cluster is None:
+            return
+        if p.cluster.guard.done(admission, p.last, trio.current_time(), status, "", local_failure) == "ejected":
+            p.call.flag("ejected")
+
+    @staticmethod
+    def _abandon(p: _Pending) -> None:
+        admission, p.admission = p.admission, None
+        if admission is not None and p.cluster is not None:
+            p.cluster.guard.abandon(admission)
 
     def _done_upstream(self, p: _Pending) -> None:
         if p.cluster is not None and p.pool is not None:
@@ -301,6 +413,10 @@ class ThriftProxy:
         self._reply_exception(p, slot, kind, r.message or r.reason, r.status, r.reason)
 
     def _local_reply(self, p: _Pending, slot: Slot | None, e: ProxyError) -> None:
+        if isinstance(e, BreakerOpen):
+            p.call.flag("breaker_open")
+        elif isinstance(e, UpstreamOverflow):
+            p.call.flag("overflow")
         kind = thrift.UNKNOWN_METHOD if isinstance(e, NoRoute) else thrift.INTERNAL_ERROR
         self._reply_exception(p, slot, kind, f"{e.reason}: {e.message}", e.http_status, e.reason)
 
@@ -362,6 +478,7 @@ class ThriftProxy:
                 "peer": call.peer.address,
                 "security": call.peer.security,
                 "peer_identity": call.peer.identity,
+                "response_flags": call.flags,
                 **(call.log_fields or {}),  # what filters added (the authz decision, ...)
             })
 

@@ -98,8 +98,10 @@ class FaultFilter(Filter):
         if self.header_gate is not None and header_value(call.headers, self.header_gate) is None:
             return CONTINUE
         if self.delay is not None and self._hit(self.delay.percentage):
+            call.flag("fault")
             await trio.sleep(self.delay.duration)
         if self.abort is not None and self._hit(self.abort.percentage):
+            call.flag("fault")
             return Respond(
                 status=self.abort.http_status,
                 grpc_status=self.abort.grpc_status,

@@ -14,7 +14,8 @@ from meshproxy.config import Cluster as ClusterConfig
 from meshproxy.drivers.h2 import ClientLink, Stream
 from meshproxy.errors import UpstreamUnavailable
 from meshproxy.metrics import Metrics
-from meshproxy.upstream import lb
+from meshproxy.upstream import health, lb
+from meshproxy.upstream.guard import Guard
 from meshproxy.upstream.pool import ConnectFailed, EndpointPool, client_tls
 from meshproxy.upstream.thrift_cluster import ThriftCluster
 
@@ -32,23 +33,35 @@ class Cluster:
             EndpointPool(config.name, a, config.http2, config.connect_timeout, nursery, metrics, tls_config)
             for a in config.endpoints
         ]
+        self.guard = Guard(config, self.pools, metrics)
         for pool, unit in zip(self.pools, config.endpoint_units, strict=False):
             pool.unit = unit
-        self._lb = lb.make(config.lb)
+        for pool in self.pools:
+            pool.caps = self.guard.breakers
+        self._lb = lb.make(config.lb, dynamic=config.dynamic_weights is not None)
         self._streams_active = metrics.child(metrics.upstream_streams_active, config.name)
+        self._health = health.start(config, self.pools, nursery, metrics, tls_config)
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} {self.pools}>"
 
     async def open_stream(
-        self, headers: Headers, end: bool, unit: str | None = None
+        self, headers: Headers, end: bool, unit: str | None = None, avoid: EndpointPool | None = None
     ) -> tuple[EndpointPool, ClientLink, Stream]:
-        """Send request headers on a stream to some endpoint (of `unit`, if given); UpstreamUnavailable if none takes it."""
+        """Send request headers on a stream to some endpoint (of `unit`, if given); UpstreamUnavailable if none takes it.
+
+        A retry names the endpoint that just failed it as `avoid`: another is
+        preferred while there is one.
+        """
         tried = lb.outside_unit(self.pools, unit)
         errors: list[str] = []
         now = trio.current_time()
+        avoided = {self.pools.index(avoid)} if avoid is not None else set()
         while len(tried) < len(self.pools):
-            i = self._lb.pick(self.pools, now, tried)
+            i = self._lb.pick(self.pools, now, tried | avoided)
+            if i is None and avoided:
+                avoided.clear()
+                i = self._lb.pick(self.pools, now, tried)
             if i is None:
                 break
             tried.add(i)
@@ -57,6 +70,7 @@ class Cluster:
                 link = await pool.acquire()
             except ConnectFailed as e:
                 errors.append(str(e))
+                self.guard.connect_failed(pool, trio.current_time())
                 continue
             stream = link.start_stream(headers, end)
             pool.active_requests += 1
@@ -70,9 +84,12 @@ class Cluster:
         self._streams_active.dec()
 
     def snapshot(self) -> dict[str, object]:
-        return {"name": self.name, "lb": self.config.lb, "endpoints": [p.snapshot() for p in self.pools]}
+        return {"name": self.name, "lb": self.config.lb, "breaker": self.guard.snapshot(),
+                "endpoints": [p.snapshot() for p in self.pools]}
 
     async def close(self, timeout: float) -> None:
+        if self._health is not None:
+            self._health.cancel()
         async with trio.open_nursery() as nursery:
             for pool in self.pools:
                 nursery.start_soon(pool.close, timeout)

@@ -17,6 +17,8 @@ class Pickable(Protocol):
 
     def healthy(self, now: float) -> bool: ...
 
+    def weight(self) -> float: ...
+
 
 class RoundRobin:
     def __init__(self, rng: random.Random | None = None) -> None:
@@ -43,11 +45,39 @@ class RoundRobin:
         return (start + fallback) % n
 
 
-class LeastRequest:
-    """Power of two choices: pick two at random, take the one with fewer in flight."""
+class WeightedRoundRobin:
+    """Smooth weighted round robin (nginx's): each endpoint's share of picks
+    follows its dynamic weight, interleaved rather than in runs."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
+        self._current: dict[int, float] = {}
+
+    def pick(self, items: Sequence[Pickable], now: float, exclude: set[int]) -> int | None:
+        candidates = [i for i in range(len(items)) if i not in exclude]
+        if not candidates:
+            return None
+        healthy = [i for i in candidates if items[i].healthy(now)] or candidates
+        current = self._current
+        total = 0.0
+        best = -1
+        best_value = 0.0
+        for i in healthy:
+            w = items[i].weight()
+            total += w
+            value = current[i] = current.get(i, 0.0) + w
+            if best < 0 or value > best_value:
+                best, best_value = i, value
+        current[best] -= total
+        return best
+
+
+class LeastRequest:
+    """Power of two choices: pick two at random, take the one with fewer in flight
+    (with dynamic weights: fewer in flight per unit of weight)."""
+
+    def __init__(self, rng: random.Random | None = None, weighted: bool = False) -> None:
         self._rng = rng or random.Random()
+        self._weighted = weighted
 
     def pick(self, items: Sequence[Pickable], now: float, exclude: set[int]) -> int | None:
         candidates = [i for i in range(len(items)) if i not in exclude]
@@ -57,11 +87,16 @@ class LeastRequest:
         if len(healthy) == 1:
             return healthy[0]
         a, b = self._rng.sample(healthy, 2)
+        if self._weighted:
+            ia, ib = items[a], items[b]
+            return a if (ia.active_requests + 1) * ib.weight() <= (ib.active_requests + 1) * ia.weight() else b
         return a if items[a].active_requests <= items[b].active_requests else b
 
 
-def make(policy: str, rng: random.Random | None = None) -> RoundRobin | LeastRequest:
-    return LeastRequest(rng) if policy == "least_request" else RoundRobin(rng)
+def make(policy: str, rng: random.Random | None = None, dynamic: bool = False) -> RoundRobin | WeightedRoundRobin | LeastRequest:
+    if policy == "least_request":
+        return LeastRequest(rng, dynamic)
+    return WeightedRoundRobin(rng) if dynamic else RoundRobin(rng)
 
 
 def outside_unit(pools: Sequence[Pickable], unit: str | None) -> set[int]:

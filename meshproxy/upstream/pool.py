@@ -18,22 +18,18 @@ from meshproxy.drivers.h2 import ClientLink
 from meshproxy.drivers.transport import Transport, connect
 from meshproxy.errors import UpstreamOverflow
 from meshproxy.metrics import Metrics
+from meshproxy.upstream.breaker import Breakers
+from meshproxy.upstream.endpoint import EndpointState
 from meshproxy.values import Address
 
 log = logging.getLogger(__name__)
-
-# After a failed connect, prefer other endpoints for this long (doubling per
-# consecutive failure up to the maximum), so one dead endpoint does not cost
-# every call a connect timeout.
-FAILURE_BACKOFF = 0.5
-FAILURE_BACKOFF_MAX = 30.0
 
 
 class ConnectFailed(Exception):
     pass
 
 
-class EndpointPool:
+class EndpointPool(EndpointState):
     def __init__(
         self,
         cluster: str,
@@ -44,19 +40,14 @@ class EndpointPool:
         metrics: Metrics,
         client_tls: tls.ClientTls | None = None,
     ) -> None:
-        self.cluster = cluster
+        super().__init__(cluster, str(address))
         self.tls = client_tls  # replaced on reload: new connections use the re-read certificates
-        self.unit = ""  # the unit this endpoint belongs to, if tagged
         self.address = address
-        self.name = str(address)
         self.options = options
         self.connect_timeout = connect_timeout
         self.links: list[ClientLink] = []
-        self.active_requests = 0
-        self.consecutive_failures = 0
-        self.retry_after = 0.0
-        self.last_error = ""
         self.pending = 0
+        self.caps: Breakers | None = None  # the cluster's caps, shared by its endpoints
         self._connecting = 0
         self._capacity = trio.Event()
         self._nursery = nursery
@@ -68,15 +59,9 @@ class EndpointPool:
             f"failures={self.consecutive_failures}>"
         )
 
-    def healthy(self, now: float) -> bool:
-        return now >= self.retry_after
-
     def snapshot(self) -> dict[str, object]:
         return {
-            "address": self.name,
-            "unit": self.unit or None,
-            "healthy": self.healthy(trio.current_time()),
-            "active_requests": self.active_requests,
+            **self.state_snapshot(trio.current_time()),
             "connections": [
                 {"streams": len(link.streams), "max_streams": link.max_streams,
                  "goaway": link.goaway_received,
@@ -84,8 +69,6 @@ class EndpointPool:
                  "receive_window": link.conn.inbound_flow_control_window}
                 for link in self.links
             ],
-            "consecutive_failures": self.consecutive_failures,
-            "last_error": self.last_error,
         }
 
     def _capacity_changed(self) -> None:
@@ -102,31 +85,52 @@ class EndpointPool:
                     break
             if best is not None:
                 return best
+            caps = self.caps
             if len(self.links) + self._connecting < self.options.max_connections_per_endpoint:
-                return await self._connect()
+                if caps is None or caps.may_connect():
+                    return await self._connect()
+                if not self.links and not self._connecting:
+                    self._overflow("max_connections")
+                    raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.connections} connections "
+                                           "(max_connections)")
             if self.pending >= self.options.max_pending:
                 raise UpstreamOverflow(f"{self.name}: every connection is full and {self.pending} calls wait")
+            if caps is not None and not caps.may_wait():
+                self._overflow("max_pending")
+                raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.pending} calls waiting (max_pending)")
             self.pending += 1
+            if caps is not None:
+                caps.pending += 1
             try:
                 await self._capacity.wait()
             finally:
                 self.pending -= 1
+                if caps is not None:
+                    caps.pending -= 1
+
+    def _overflow(self, reason: str) -> None:
+        self._metrics.child(self._metrics.breaker_rejected, self.cluster, reason).inc()
 
     async def _connect(self) -> ClientLink:
         self._connecting += 1
+        if self.caps is not None:
+            self.caps.connections += 1
         child = self._metrics.child
+        connected = False
         try:
             transport = await dial(self.address, self.connect_timeout, self.options.write_timeout, self.tls,
                                    self._metrics, self.cluster)
+            connected = True
         except (OSError, trio.TooSlowError, tls.TlsError) as e:
             reason = failure_reason(e)
-            self._failed(reason)
+            self.connect_failed(reason)
             child(self._metrics.upstream_connect_failures, self.cluster).inc()
             raise ConnectFailed(f"{self.name}: {reason}") from None
         finally:
             self._connecting -= 1
-        self.consecutive_failures = 0
-        self.retry_after = 0.0
+            if not connected and self.caps is not None:
+                self.caps.connections -= 1
+        self.connected()
         o = self.options
         link = ClientLink(
             transport,
@@ -144,13 +148,6 @@ class EndpointPool:
         self._nursery.start_soon(self._run, link)
         return link
 
-    def _failed(self, reason: str) -> None:
-        self.consecutive_failures += 1
-        self.last_error = reason
-        backoff = min(FAILURE_BACKOFF * 2 ** (self.consecutive_failures - 1), FAILURE_BACKOFF_MAX)
-        self.retry_after = trio.current_time() + backoff
-        log.warning("cluster %s: cannot connect to %s: %s", self.cluster, self.name, reason)
-
     async def _run(self, link: ClientLink) -> None:
         active = self._metrics.child(self._metrics.upstream_connections_active, self.cluster)
         self._metrics.child(self._metrics.upstream_connections, self.cluster).inc()
@@ -159,6 +156,8 @@ class EndpointPool:
             await link.run()
         finally:
             active.dec()
+            if self.caps is not None:
+                self.caps.connections -= 1
             if link in self.links:
                 self.links.remove(link)
             self._capacity_changed()

@@ -24,56 +24,39 @@ from meshproxy.config import Cluster as ClusterConfig
 from meshproxy.drivers.thrift import UpstreamConnection, flush_writes
 from meshproxy.errors import UpstreamOverflow, UpstreamUnavailable
 from meshproxy.metrics import Metrics
-from meshproxy.upstream import lb
-from meshproxy.upstream.pool import (
-    FAILURE_BACKOFF,
-    FAILURE_BACKOFF_MAX,
-    ConnectFailed,
-    client_tls,
-    dial,
-    failure_reason,
-)
+from meshproxy.upstream import health, lb
+from meshproxy.upstream.breaker import Breakers
+from meshproxy.upstream.endpoint import EndpointState
+from meshproxy.upstream.guard import Guard
+from meshproxy.upstream.pool import ConnectFailed, client_tls, dial, failure_reason
 from meshproxy.values import Address
 
 log = logging.getLogger(__name__)
 
 
-class ThriftEndpointPool:
+class ThriftEndpointPool(EndpointState):
     def __init__(self, cluster: ClusterConfig, address: Address, nursery: trio.Nursery, metrics: Metrics,
                  client_tls: tls.ClientTls | None = None) -> None:
-        self.cluster = cluster.name
+        super().__init__(cluster.name, str(address))
         self.tls = client_tls  # replaced on reload: new connections use the re-read certificates
-        self.unit = ""  # the unit this endpoint belongs to, if tagged
         self.options = cluster.thrift
         self.connect_timeout = cluster.connect_timeout
         self.address = address
-        self.name = str(address)
         self.links: list[tuple[str, UpstreamConnection]] = []  # (transport, connection)
-        self.active_requests = 0
-        self.consecutive_failures = 0
-        self.retry_after = 0.0
-        self.last_error = ""
         self.pending = 0
+        self.caps: Breakers | None = None  # the cluster's caps, shared by its endpoints
         self._connecting: dict[str, int] = {}
         self._capacity = trio.Event()
         self._nursery = nursery
         self._metrics = metrics
 
-    def healthy(self, now: float) -> bool:
-        return now >= self.retry_after
-
     def snapshot(self) -> dict[str, object]:
         return {
-            "address": self.name,
-            "unit": self.unit or None,
-            "healthy": self.healthy(trio.current_time()),
-            "active_requests": self.active_requests,
+            **self.state_snapshot(trio.current_time()),
             "connections": [
                 {"transport": t, "in_flight": len(c.waiting), "max_requests": c.max_requests}
                 for t, c in self.links
             ],
-            "consecutive_failures": self.consecutive_failures,
-            "last_error": self.last_error,
         }
 
     def _capacity_changed(self) -> None:
@@ -102,7 +85,8 @@ class ThriftEndpointPool:
         while True:
             best = self.pick(transport)
             mine = sum(1 for t, _ in self.links if t == transport) + self._connecting.get(transport, 0)
-            can_open = mine < o.max_connections_per_endpoint
+            caps = self.caps
+            can_open = mine < o.max_connections_per_endpoint and (caps is None or caps.may_connect())
             if best is not None and (not best.waiting or o.mux or not can_open):
                 return best
             # About to wait: what earlier calls queued must not wait with us.
@@ -114,29 +98,48 @@ class ThriftEndpointPool:
                     if best is not None:
                         return best
                     raise
+            if caps is not None and not mine:
+                self._overflow("max_connections")
+                raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.connections} connections "
+                                       "(max_connections)")
             if self.pending >= o.max_pending:
                 raise UpstreamOverflow(f"{self.name}: every connection is full and {self.pending} calls wait")
+            if caps is not None and not caps.may_wait():
+                self._overflow("max_pending")
+                raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.pending} calls waiting (max_pending)")
             self.pending += 1
+            if caps is not None:
+                caps.pending += 1
             try:
                 await self._capacity.wait()
             finally:
                 self.pending -= 1
+                if caps is not None:
+                    caps.pending -= 1
+
+    def _overflow(self, reason: str) -> None:
+        self._metrics.child(self._metrics.breaker_rejected, self.cluster, reason).inc()
 
     async def _connect(self, transport: str) -> UpstreamConnection:
         self._connecting[transport] = self._connecting.get(transport, 0) + 1
         m = self._metrics
+        if self.caps is not None:
+            self.caps.connections += 1
+        connected = False
         try:
             sock = await dial(self.address, self.connect_timeout, self.options.write_timeout, self.tls,
                               self._metrics, self.cluster)
+            connected = True
         except (OSError, trio.TooSlowError, tls.TlsError) as e:
             reason = failure_reason(e)
-            self._failed(reason)
+            self.connect_failed(reason)
             m.child(m.upstream_connect_failures, self.cluster).inc()
             raise ConnectFailed(f"{self.name}: {reason}") from None
         finally:
             self._connecting[transport] -= 1
-        self.consecutive_failures = 0
-        self.retry_after = 0.0
+            if not connected and self.caps is not None:
+                self.caps.connections -= 1
+        self.connected()
         o = self.options
         link = UpstreamConnection(
             sock,
@@ -151,13 +154,6 @@ class ThriftEndpointPool:
         self._nursery.start_soon(self._run, transport, link)
         return link
 
-    def _failed(self, reason: str) -> None:
-        self.consecutive_failures += 1
-        self.last_error = reason
-        backoff = min(FAILURE_BACKOFF * 2 ** (self.consecutive_failures - 1), FAILURE_BACKOFF_MAX)
-        self.retry_after = trio.current_time() + backoff
-        log.warning("cluster %s: cannot connect to %s: %s", self.cluster, self.name, reason)
-
     async def _run(self, transport: str, link: UpstreamConnection) -> None:
         m = self._metrics
         active = m.child(m.upstream_connections_active, self.cluster)
@@ -167,6 +163,8 @@ class ThriftEndpointPool:
             await link.run()
         finally:
             active.dec()
+            if self.caps is not None:
+                self.caps.connections -= 1
             if (transport, link) in self.links:
                 self.links.remove((transport, link))
             self._capacity_changed()
@@ -186,10 +184,14 @@ class ThriftCluster:
         self.options = config.thrift
         tls_config = client_tls(config)
         self.pools = [ThriftEndpointPool(config, a, nursery, metrics, tls_config) for a in config.endpoints]
+        self.guard = Guard(config, self.pools, metrics)
         for pool, unit in zip(self.pools, config.endpoint_units, strict=False):
             pool.unit = unit
-        self._lb = lb.make(config.lb)
+        for pool in self.pools:
+            pool.caps = self.guard.breakers
+        self._lb = lb.make(config.lb, dynamic=config.dynamic_weights is not None)
         self._active = metrics.child(metrics.upstream_streams_active, config.name)
+        self._health = health.start(config, self.pools, nursery, metrics, tls_config)
 
     def __repr__(self) -> str:
         return f"<ThriftCluster {self.name}>"
@@ -208,16 +210,21 @@ class ThriftCluster:
         return None
 
     async def acquire(
-        self, transport: str, unit: str | None = None
+        self, transport: str, unit: str | None = None, avoid: ThriftEndpointPool | None = None
     ) -> tuple[ThriftEndpointPool, UpstreamConnection]:
         """A connection with room for one more call (to an endpoint of `unit`, if given);
-        UpstreamUnavailable if no endpoint takes it."""
+        UpstreamUnavailable if no endpoint takes it. A retry names the endpoint
+        that just failed it as `avoid`: another is preferred while there is one."""
         pools = self.pools
         tried = lb.outside_unit(pools, unit)
         errors: list[str] = []
         now = trio.current_time()
+        avoided = {pools.index(avoid)} if avoid is not None else set()
         while len(tried) < len(pools):
-            i = self._lb.pick(pools, now, tried)
+            i = self._lb.pick(pools, now, tried | avoided)
+            if i is None and avoided:
+                avoided.clear()
+                i = self._lb.pick(pools, now, tried)
             if i is None:
                 break
             tried.add(i)
@@ -226,6 +233,7 @@ class ThriftCluster:
                 return pool, await pool.acquire(transport)
             except ConnectFailed as e:
                 errors.append(str(e))
+                self.guard.connect_failed(pool, trio.current_time())
         detail = "; ".join(errors) or ("no endpoints" if unit is None else f"no endpoint of unit '{unit}'")
         raise UpstreamUnavailable(f"cluster '{self.name}' has no reachable endpoint ({detail})")
 
@@ -238,10 +246,12 @@ class ThriftCluster:
         self._active.dec()
 
     def snapshot(self) -> dict[str, object]:
-        return {"name": self.name, "protocol": "thrift", "lb": self.config.lb,
+        return {"name": self.name, "protocol": "thrift", "lb": self.config.lb, "breaker": self.guard.snapshot(),
                 "endpoints": [p.snapshot() for p in self.pools]}
 
     async def close(self, timeout: float) -> None:
+        if self._health is not None:
+            self._health.cancel()
         async with trio.open_nursery() as nursery:
             for pool in self.pools:
                 nursery.start_soon(pool.close, timeout)

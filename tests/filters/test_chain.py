@@ -294,9 +294,11 @@ def abort_filter(percentage: float, **extra: Any) -> FaultFilter:
 async def test_fault_abort_100_percent_answers_with_the_configured_statuses() -> None:
     chain = Chain([abort_filter(100)])
     for grpc in (False, True):
-        local, ran = await chain.on_request(make_call(grpc=grpc))
+        call = make_call(grpc=grpc)
+        local, ran = await chain.on_request(call)
         assert local == Respond(status=503, grpc_status=14, message="fault injected", reason="fault")
         assert ran == 1
+        assert call.flags == ["fault"]  # the access log's response_flags
 
 
 async def test_fault_abort_defaults() -> None:
@@ -308,8 +310,9 @@ async def test_fault_abort_defaults() -> None:
 async def test_fault_abort_0_percent_never_fires() -> None:
     chain = Chain([abort_filter(0)])
     for _ in range(2000):
-        local, _ = await chain.on_request(make_call())
-        assert local is None
+        call = make_call()
+        local, _ = await chain.on_request(call)
+        assert local is None and call.flags is None
 
 
 async def test_fault_abort_fires_about_the_configured_share() -> None:
