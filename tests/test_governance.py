@@ -182,10 +182,17 @@ def test_dynamic_weights_least_request_weighs_requests_in_flight() -> None:
     assert plain.pick([fast, slow], 10.0, set()) == 0
 
 
-def test_ewma_forgets_by_time_not_by_count() -> None:
+def test_ewma_forgets_by_time_with_a_floor_per_call() -> None:
     e = EndpointState("c", "e")
     e.observe(0.0, 0.100, True, decay=1.0)
-    e.observe(0.001, 0.001, True, decay=1.0)  # a millisecond later: barely moves
-    assert e.latency_ewma > 0.09
+    e.observe(0.001, 0.001, True, decay=1.0)  # a millisecond later: moves by the floor only
+    assert 0.09 < e.latency_ewma < 0.096
     e.observe(5.0, 0.001, True, decay=1.0)  # five time constants later: nearly all new
     assert e.latency_ewma < 0.002
+    # One early error does not starve an endpoint; a run of them does cost it.
+    first = EndpointState("c", "f")
+    first.observe(0.0, 0.001, False, decay=10.0)
+    assert first.success_ewma == 0.95
+    for i in range(40):
+        first.observe(0.001 * i, 0.001, False, decay=10.0)
+    assert first.success_ewma < 0.15

@@ -23,6 +23,8 @@ FAILURE_BACKOFF_MAX = 30.0
 # Before the first sample, an endpoint is assumed to answer in this long
 # (seconds), so a new endpoint is neither starved nor flooded.
 DEFAULT_LATENCY = 0.005
+# Each call moves the EWMAs by at least this share.
+MIN_SAMPLE_WEIGHT = 0.05
 
 
 class EndpointState:
@@ -58,14 +60,19 @@ class EndpointState:
 
     def observe(self, now: float, latency: float, ok: bool, decay: float) -> None:
         """Fold one call's latency and result into the EWMAs (time constant `decay`)."""
+        result = 1.0 if ok else 0.0
         if self._ewma_at == -math.inf:
-            self.latency_ewma, self.success_ewma = latency, 1.0 if ok else 0.0
+            # The first latency is a better guess than the default; success keeps
+            # its prior, so one early error does not starve the endpoint.
+            self.latency_ewma = latency
+            self.success_ewma += MIN_SAMPLE_WEIGHT * (result - self.success_ewma)
         else:
-            # Weighting by elapsed time, not by count, makes the EWMA forget at
-            # the same pace whatever the call rate (Finagle's peak EWMA does so).
-            w = 1.0 - math.exp(-max(now - self._ewma_at, 1e-6) / decay)
+            # Weighting by elapsed time makes the EWMA forget at the same pace
+            # whatever the call rate (Finagle's peak EWMA does so); the floor
+            # lets a burst of calls move it within tens of calls, not only seconds.
+            w = max(1.0 - math.exp(-max(now - self._ewma_at, 0.0) / decay), MIN_SAMPLE_WEIGHT)
             self.latency_ewma += w * (latency - self.latency_ewma)
-            self.success_ewma += w * ((1.0 if ok else 0.0) - self.success_ewma)
+            self.success_ewma += w * (result - self.success_ewma)
         self._ewma_at = now
 
     def connect_failed(self, reason: str) -> None:
