@@ -314,9 +314,11 @@ class HttpProxy:
         elif out.status:
             verdict = guard.done(admission, pool, now, out.status, out.grpc_status,
                                  local_failure=failure is not None)
-        else:  # the client left first: no outcome to count
+        elif call.client_gone():  # the client left first: no outcome to count
             guard.abandon(admission)
             return
+        else:  # the call's deadline passed with no answer: a timeout, as for Thrift
+            verdict = guard.done(admission, pool, now, 0, "", local_failure=True)
         if verdict == "ejected":
             call.flag("ejected")
 

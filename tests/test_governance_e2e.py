@@ -199,6 +199,17 @@ async def test_max_requests_caps_the_cluster(nursery: trio.Nursery, tmp_path: Pa
     assert flags.count(["overflow"]) == 1
 
 
+async def test_calls_past_their_deadline_count_against_the_breaker(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery)
+    backend.stall = True
+    app = await start_proxy(nursery, config(tmp_path, [backend.port], timeout="150ms",
+                                            cluster="breaker: {consecutive_errors: 2, open_for: 10s}"))
+    assert await gets(listen_port(app), 3) == [504, 504, 503]
+    assert len(backend.requests) == 2
+    assert [line["reason"] for line in access_lines(app, tmp_path)] == ["timeout", "timeout", "breaker_open"]
+    backend.stall = False
+
+
 async def test_an_endpoint_with_gateway_errors_is_ejected_and_returns(nursery: trio.Nursery, tmp_path: Path) -> None:
     bad, good = await two_backends(nursery)
     bad.fail_status = 502
