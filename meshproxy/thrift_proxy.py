@@ -50,7 +50,7 @@ class _Pending:
     """One call between its request and its end."""
 
     __slots__ = ("admission", "call", "chain", "changed", "cluster", "conn", "last", "msg", "pool", "ran",
-                 "retrying", "state", "transport")
+                 "recorded", "retrying", "state", "transport")
 
     def __init__(self, call: Call, msg: thrift.Message, conn: ServerConnection, state: ListenerState) -> None:
         self.call = call
@@ -66,6 +66,7 @@ class _Pending:
         self.changed = False  # filters changed the metadata: re-encode the header
         self.ran = 0
         self.chain = state.chain
+        self.recorded = False  # metrics, the access log and completion hooks: once per call
 
 
 class ThriftProxy:
@@ -126,6 +127,10 @@ class ThriftProxy:
         slot = conn.open_slot() if mtype == thrift.CALL else None
         if slot is not None:
             call.client_gone = lambda: slot.done
+            # From now on a client that leaves ends the call (counted once, hooks run),
+            # wherever it is: in a filter, waiting for a connection, or upstream.
+            slot.context = p
+            slot.on_lost = self._on_lost
         try:
             await self._forward(p, slot)
         except ProxyError as e:
@@ -134,6 +139,8 @@ class ThriftProxy:
             # Draining stopped this call before it went upstream: it gets no reply.
             if slot is not None and p.conn.finish(slot):
                 p.conn.drop(slot)
+            self._abandon(p)
+            self._record(p, 0, "draining", "draining", 0)
             raise
 
     async def _forward(self, p: _Pending, slot: Slot | None) -> None:
@@ -223,10 +230,8 @@ class ThriftProxy:
             self._record(p, 200, "", "oneway", len(data))
             return
         p.admission = admission
-        slot.context = p
         slot.on_reply = self._on_reply
         slot.on_timeout = self._on_timeout
-        slot.on_lost = self._on_lost
         link.send(data, slot, seqid)
         deadline = call.deadline
         if retrying is not None:
@@ -407,8 +412,8 @@ class ThriftProxy:
         self._local_reply(p, slot, e)
 
     def _filter_reply(self, p: _Pending, slot: Slot | None, r: Respond) -> None:
-        if slot is not None:
-            p.conn.finish(slot)
+        if slot is not None and not p.conn.finish(slot):
+            return  # the client left while a filter held the call (counted then)
         kind = thrift.UNKNOWN_METHOD if r.status == 404 else thrift.INTERNAL_ERROR
         self._reply_exception(p, slot, kind, r.message or r.reason, r.status, r.reason)
 
@@ -435,6 +440,9 @@ class ThriftProxy:
     def _record(
         self, p: _Pending, status: int, reason: str, result: str, bytes_out: int, reply: thrift.Message | None = None
     ) -> None:
+        if p.recorded:
+            return
+        p.recorded = True
         call, state = p.call, p.state
         route = call.route.name if call.route is not None else "-"
         cluster = call.cluster or "-"

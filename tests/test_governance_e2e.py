@@ -17,6 +17,7 @@ import grpc
 import pytest
 import trio
 from thrift.Thrift import TApplicationException
+from thrift.transport.TTransport import TTransportException
 
 from meshproxy.app import App
 from meshproxy.demo import ExampleBackend
@@ -422,3 +423,33 @@ async def test_thrift_stalled_endpoint_is_ejected(nursery: trio.Nursery, tmp_pat
             os.kill(stalled.proc.pid, signal.SIGCONT)
         assert got.count("timeout") == 2 and got.count("ok") == 8
         assert metric(app, "meshproxy_endpoints_ejected", destination_service="backend") == 1
+
+
+async def test_thrift_client_leaving_while_a_filter_holds_its_call_is_counted_once(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    with ThriftServer() as server:
+        path = config(tmp_path, [server.port], protocol="thrift")
+        text = path.read_text().replace(
+            "    filters: []", "    filters: [{name: rate_limit, algorithm: leaky_bucket, rate: 1, period: 3s, burst: 5}]")
+        app = await start_proxy(nursery, write_config(tmp_path, text))
+        port = listen_port(app)
+
+        def leave_while_waiting() -> None:
+            with client(port) as c:
+                assert c.echo(b"first") == b"first"
+            with client(port, timeout=0.3) as c, pytest.raises(TTransportException):
+                c.echo(b"second")  # its turn is up to 3 s away: the client gives up first
+
+        await trio.to_thread.run_sync(leave_while_waiting)
+        lines: list[dict[str, Any]] = []
+
+        def both_counted() -> bool:
+            lines[:] = access_lines(app, tmp_path)
+            return len(lines) == 2
+
+        await eventually(both_counted, timeout=5)
+        await trio.sleep(3)  # past its turn: the filter lets it go, to nobody, and it is not counted again
+        lines = access_lines(app, tmp_path)
+        assert [(line["status"], line["reason"]) for line in lines] == [(200, None), (0, "downstream_closed")]
+        assert metric(app, "meshproxy_requests_total", listener="test", direction="egress", route="main",
+                      destination_service="backend", response_code="0", grpc_response_status="-") == 1
