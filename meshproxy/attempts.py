@@ -33,6 +33,11 @@ class Tape:
         self.size = 0
         self.overflow = False
 
+    def drop(self) -> None:
+        """No retry is possible any more (the response began): stop keeping the body."""
+        self.overflow = True
+        self.chunks.clear()
+
     def add(self, chunk: bytes) -> None:
         if self.overflow:
             return
@@ -64,8 +69,8 @@ class Budgets:
 
 
 class Retrying:
-    __slots__ = ("attempt", "budget", "call", "cluster", "guard", "metrics", "policy", "rng", "tape", "thrift_method",
-                 "try_deadline")
+    __slots__ = ("attempt", "budget", "call", "cluster", "guard", "metrics", "policy", "reserved", "rng", "scope",
+                 "tape", "thrift_method", "try_deadline")
 
     def __init__(self, call: Call, cluster: str, guard: Guard, policy: RetryPolicy, budget: retry.Budget,
                  metrics: Metrics, rng: random.Random, tape: Tape | None = None,
@@ -81,12 +86,27 @@ class Retrying:
         self.thrift_method = thrift_method  # a Thrift call: only idempotent methods retry more than connects
         self.attempt = 1
         self.try_deadline = math.inf
+        self.scope: trio.CancelScope | None = None  # what waits for the attempt's answer
+        self.reserved = False  # a retry slot of the cluster's max_retries, held until the retry is admitted
         budget.request(trio.current_time())
 
     def start(self, now: float) -> None:
-        """An attempt is sent: its per-try timeout starts."""
+        """The attempt's per-try timeout starts at `now` (math.inf: not yet)."""
         t = self.policy.per_try_timeout
         self.try_deadline = now + t if t > 0 else math.inf
+        if self.scope is not None:
+            self.scope.deadline = self.try_deadline
+
+    def take_reservation(self) -> bool:
+        """For the guard's admit: whether this attempt holds a retry slot (it now owns it)."""
+        reserved, self.reserved = self.reserved, False
+        return reserved
+
+    def finish(self) -> None:
+        """The call is over: a retry slot that was never used goes back."""
+        if self.reserved:
+            self.reserved = False
+            self.guard.release_retry()
 
     def failure_delay(self, kind: str) -> float | None:
         """The backoff before sending again after a local failure of `kind`
@@ -120,10 +140,14 @@ class Retrying:
             return self._refused("body_too_large")
         if now + delay >= call.deadline:
             return self._refused("deadline")
-        if not self.guard.may_retry():
+        # Reserved now, not when the retry is admitted after its backoff, so
+        # calls failing together cannot all pass the cap.
+        if not self.guard.reserve_retry():
             return self._refused("max_retries")
         if not self.budget.try_retry(now):
+            self.guard.release_retry()
             return self._refused("budget")
+        self.reserved = True
         self.attempt += 1
         m = self.metrics
         m.child(m.retries, self.cluster, condition).inc()

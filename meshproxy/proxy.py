@@ -227,9 +227,6 @@ class HttpProxy:
             (b":path", call.path.encode("latin-1")),
         ]
         up_headers += call.headers
-        if call.deadline != math.inf and call.is_grpc:
-            # gRPC spec: propagate the deadline, less the time already spent.
-            up_headers.append((b"grpc-timeout", grpc.format_timeout(call.deadline - trio.current_time())))
         body = call.body
         replay: bytes | None = None
         if body is stream and stream.ended:
@@ -241,16 +238,44 @@ class HttpProxy:
         if policy is not None and policy.attempts > 1:
             retrying = Retrying(call, cluster.name, cluster.guard, policy, self._budgets.for_route(call.route),
                                 state.metrics, self._rng, None if replay is not None else Tape(policy.max_body_bytes))
+        try:
+            await self._attempts(call, link, stream, state, out, cluster, up_headers, body, replay, retrying)
+        finally:
+            if retrying is not None:
+                retrying.finish()
+
+    async def _attempts(
+        self,
+        call: Call,
+        link: ServerLink,
+        stream: Stream,
+        state: ListenerState,
+        out: _Outcome,
+        cluster: Cluster,
+        up_headers: Headers,
+        body: Body,
+        replay: bytes | None,
+        retrying: Retrying | None,
+    ) -> None:
+        """Send the call upstream, and again as its route's retry policy allows."""
         guard = cluster.guard
         refused = 0
         last: EndpointPool | None = None
         while True:
             now = trio.current_time()
-            admission = guard.admit(call.path, now, retrying is not None and retrying.attempt > 1) \
+            if retrying is not None:
+                # A streamed body's per-try timeout starts once it is all sent (_pump_taped).
+                retrying.start(now if replay is not None else math.inf)
+            admission = guard.admit(call.path, now, retrying is not None and retrying.take_reservation()) \
                 if guard.active else None
             end_on_headers = replay == b"" and stream.trailers is None
+            headers = up_headers
+            deadline = call.deadline if retrying is None else min(call.deadline, retrying.try_deadline)
+            if deadline != math.inf and call.is_grpc:
+                # gRPC spec: propagate the deadline (this attempt's), less the time already spent.
+                headers = [*up_headers, (b"grpc-timeout", grpc.format_timeout(deadline - now))]
             try:
-                pool, ulink, ustream = await cluster.open_stream(up_headers, end_on_headers, call.endpoint_unit, last)
+                pool, ulink, ustream = await cluster.open_stream(headers, end_on_headers, call.endpoint_unit, last)
             except UpstreamUnavailable:
                 guard.abandon(admission)
                 if retrying is not None and await retrying.again(retry.CONNECT_FAILURE):
@@ -265,8 +290,6 @@ class HttpProxy:
                 call.flag("no_healthy_upstream")
             failure: Exception | _Retry | None = None
             try:
-                if retrying is not None:
-                    retrying.start(now)
                 if replay is None:
                     failure = await self._exchange_streaming(call, link, stream, body, ustream, state, out, retrying)
                 else:
@@ -306,6 +329,10 @@ class HttpProxy:
                  failure: Exception | _Retry | None) -> None:
         """Tell the cluster's guard how one attempt went."""
         now = trio.current_time()
+        if call.client_gone():
+            # The client left (reset its stream): whatever broke after that is not the upstream's doing.
+            guard.abandon(admission)
+            return
         if isinstance(failure, _Retry):
             verdict = guard.done(admission, pool, now, failure.status, failure.grpc_status)
         elif failure is not None and not out.response_started:
@@ -314,9 +341,6 @@ class HttpProxy:
         elif out.status:
             verdict = guard.done(admission, pool, now, out.status, out.grpc_status,
                                  local_failure=failure is not None)
-        elif call.client_gone():  # the client left first: no outcome to count
-            guard.abandon(admission)
-            return
         else:  # the call's deadline passed with no answer: a timeout, as for Thrift
             verdict = guard.done(admission, pool, now, 0, "", local_failure=True)
         if verdict == "ejected":
@@ -364,7 +388,7 @@ class HttpProxy:
         failure: Exception | _Retry | None = None
         async with trio.open_nursery() as nursery:
             if retrying is not None and retrying.tape is not None:
-                nursery.start_soon(_pump_taped, call, body, ustream, retrying.tape)
+                nursery.start_soon(_pump_taped, call, body, ustream, retrying)
             else:
                 nursery.start_soon(_pump_request, call, body, ustream)
             try:
@@ -372,6 +396,8 @@ class HttpProxy:
                 if retrying is not None and (again := _retry_reply(retrying, head, ustream)) is not None:
                     failure = again
                 else:
+                    if retrying is not None and retrying.tape is not None:
+                        retrying.tape.drop()  # the response is the client's now: no retry will need it
                     await self._respond(call, link, stream, ustream, head, state, out)
             except (StreamReset, ProxyError) as e:
                 # Caught here, not from the nursery: no exception group.
@@ -627,11 +653,16 @@ def _retry_reply(retrying: Retrying, head: Headers, ustream: Stream) -> _Retry |
 
 
 async def _wait_head(ustream: Stream, retrying: Retrying | None) -> Headers:
-    """The upstream's response head, within the attempt's per-try timeout."""
-    if retrying is None or retrying.try_deadline == math.inf:
+    """The upstream's response head, within the attempt's per-try timeout
+    (which a streamed request's pump starts once the body is all sent)."""
+    if retrying is None or not retrying.policy.per_try_timeout:
         return await ustream.wait_head()
-    with trio.move_on_at(retrying.try_deadline):
-        return await ustream.wait_head()
+    with trio.CancelScope(deadline=retrying.try_deadline) as scope:
+        retrying.scope = scope
+        try:
+            return await ustream.wait_head()
+        finally:
+            retrying.scope = None
     raise PerTryTimeout(f"no response within per_try_timeout ({retrying.policy.per_try_timeout:g}s)")
 
 
@@ -644,10 +675,12 @@ def _failure_kind(failure: Exception) -> str | None:
     return None
 
 
-async def _pump_taped(call: Call, body: Body, ustream: Stream, tape: Tape) -> None:
+async def _pump_taped(call: Call, body: Body, ustream: Stream, retrying: Retrying) -> None:
     """_pump_request for a call that may be retried: what earlier attempts sent
     goes again from the tape, then the rest comes from the client (observed once)."""
     link = ustream.link
+    tape = retrying.tape
+    assert tape is not None
     try:
         for chunk in tape.chunks:
             await link.send_data(ustream, chunk, False)
@@ -661,6 +694,7 @@ async def _pump_taped(call: Call, body: Body, ustream: Stream, tape: Tape) -> No
             link.send_headers(ustream, body.trailers, True)
         else:
             link.end_stream(ustream)
+        retrying.start(trio.current_time())
     except StreamReset:
         pass
 

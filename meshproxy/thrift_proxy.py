@@ -131,6 +131,28 @@ class ThriftProxy:
             # wherever it is: in a filter, waiting for a connection, or upstream.
             slot.context = p
             slot.on_lost = self._on_lost
+        route = state.router.match(call.path, call.headers)
+        if route is not None:
+            call.route = route
+            call.cluster = state.router.cluster_for(route, call.headers)
+            if route.timeout > 0 and call.start + route.timeout < call.deadline:
+                call.deadline = call.start + route.timeout
+        p.chain = state.chain_for(route)
+        if slot is not None and p.chain.may_wait:
+            # A filter may hold this call: the connection goes on reading meanwhile
+            # (the calls behind it, a client that leaves); replies keep their order.
+            conn.nursery.start_soon(self._run, p, slot, True)
+        else:
+            await self._run(p, slot)
+
+    async def _run(self, p: _Pending, slot: Slot | None, task: bool = False) -> None:
+        try:
+            await self._handle(p, slot)
+        finally:
+            if task:
+                flush_writes()  # no reader's batch end will send what this task wrote
+
+    async def _handle(self, p: _Pending, slot: Slot | None) -> None:
         try:
             await self._forward(p, slot)
         except ProxyError as e:
@@ -144,14 +166,7 @@ class ThriftProxy:
             raise
 
     async def _forward(self, p: _Pending, slot: Slot | None) -> None:
-        call, msg, state = p.call, p.msg, p.state
-        route = state.router.match(call.path, call.headers)
-        if route is not None:
-            call.route = route
-            call.cluster = state.router.cluster_for(route, call.headers)
-            if route.timeout > 0 and call.start + route.timeout < call.deadline:
-                call.deadline = call.start + route.timeout
-        chain = p.chain = state.chain_for(route)
+        call, msg, state, chain, route = p.call, p.msg, p.state, p.chain, p.call.route
         changed = False
         if chain.has_request_hooks:
             flush_writes()  # a filter may wait: earlier calls of this batch go out first
@@ -194,7 +209,7 @@ class ThriftProxy:
         guard = cluster.guard
         retrying = p.retrying
         while True:
-            admission = guard.admit(call.path, trio.current_time(), retrying is not None and retrying.attempt > 1) \
+            admission = guard.admit(call.path, trio.current_time(), retrying is not None and retrying.take_reservation()) \
                 if guard.active else None
             ready = cluster.ready(p.transport, call.endpoint_unit) if p.last is None else None
             if ready is not None:
@@ -218,10 +233,15 @@ class ThriftProxy:
                 guard.abandon(admission)
                 return  # the client left while we waited
             break
-        p.pool = p.last = pool
+        p.last = pool
         call.upstream_address = pool.name
         seqid = link.next_seqid()
-        data = self._upstream_frame(p, p.transport, seqid, p.changed)
+        try:
+            data = self._upstream_frame(p, p.transport, seqid, p.changed)
+        except BaseException:
+            guard.abandon(admission)
+            raise
+        p.pool = pool
         cluster.call_started(pool)
         if slot is None:  # oneway: written is done, with no outcome to count
             guard.abandon(admission)
@@ -363,8 +383,13 @@ class ThriftProxy:
         allows, else answer with `failure`."""
         self._account(p, 0, local_failure=True)
         self._done_upstream(p)
-        if slot.upstream is not None:
-            slot.upstream.forget(slot)  # a late reply to this attempt is dropped
+        upstream = slot.upstream
+        if upstream is not None:
+            upstream.forget(slot)  # a late reply to this attempt is dropped
+            if p.cluster is not None and not p.cluster.options.mux:
+                # An in-order upstream still works on the abandoned call: whatever
+                # is sent on this connection next would wait behind it.
+                upstream.transport.close("a call on it was abandoned (per-try timeout)")
         delay = p.retrying.failure_delay(kind) if p.retrying is not None else None
         if delay is None:
             if p.conn.finish(slot):
@@ -443,6 +468,8 @@ class ThriftProxy:
         if p.recorded:
             return
         p.recorded = True
+        if p.retrying is not None:
+            p.retrying.finish()
         call, state = p.call, p.state
         route = call.route.name if call.route is not None else "-"
         cluster = call.cluster or "-"

@@ -65,7 +65,7 @@ def test_breaker_opens_on_error_ratio_after_min_requests() -> None:
     for i in range(9):
         assert b.record(i * 0.1, True, 0.001) is None  # under min_requests: stays closed
     assert b.record(0.95, False, 0.001) == OPEN  # 9 errors of 10
-    assert not b.allow(1.0) and not b.allow(5.9)
+    assert b.allow(1.0) == (False, False) and b.allow(5.9) == (False, False)
 
 
 def test_breaker_ratio_window_slides() -> None:
@@ -89,14 +89,30 @@ def test_breaker_opens_on_consecutive_errors_and_on_slow_calls() -> None:
 def test_half_open_lets_probes_through_and_their_outcome_decides() -> None:
     b = ErrorBreaker(Breaker(consecutive_errors=1, open_for=5, half_open_requests=1))
     b.record(0, True, 0.001)
-    assert not b.allow(4.9)
-    assert b.allow(5.0) and b.state == HALF_OPEN
-    assert not b.allow(5.0)  # one probe at a time
-    assert b.record(5.1, True, 0.001) == OPEN  # the probe failed: open again, for open_for
-    assert not b.allow(10.0) and b.allow(10.2)
-    b.abandon()  # its caller left: the probe slot is free again
-    assert b.allow(10.3)
-    assert b.record(10.4, False, 0.001) == CLOSED
+    assert b.allow(4.9) == (False, False)
+    assert b.allow(5.0) == (True, True) and b.state == HALF_OPEN
+    assert b.allow(5.0) == (False, False)  # one probe at a time
+    assert b.record(5.1, True, 0.001, probe=True, generation=b.generation) == OPEN  # failed: open for open_for
+    assert b.allow(10.0)[0] is False and b.allow(10.2) == (True, True)
+    b.abandon(True, b.generation)  # its caller left: the probe slot is free again
+    assert b.allow(10.3) == (True, True)
+    assert b.record(10.4, False, 0.001, probe=True, generation=b.generation) == CLOSED
+
+
+def test_only_probes_of_this_opening_decide_a_half_open_breaker() -> None:
+    b = ErrorBreaker(Breaker(consecutive_errors=1, open_for=5, half_open_requests=1))
+    old = b.generation  # an attempt admitted while closed, still in flight
+    b.record(0, True, 0.001)
+    assert b.allow(5.0) == (True, True)
+    probe = b.generation
+    assert b.record(5.1, False, 0.001, probe=False, generation=old) is None  # not a probe: no say
+    b.abandon(False, old)  # nor does it free the probe's slot
+    assert b.allow(5.1) == (False, False)
+    assert b.record(5.2, True, 0.001, probe=True, generation=probe) == OPEN
+    assert b.allow(10.3) == (True, True)
+    # A probe of the earlier opening finishing late decides nothing either.
+    assert b.record(10.4, False, 0.001, probe=True, generation=probe) is None
+    assert b.state == HALF_OPEN
 
 
 def test_breakers_per_method_and_bounded() -> None:
@@ -105,10 +121,19 @@ def test_breakers_per_method_and_bounded() -> None:
     assert bs.key_for("/echo.Echo/Bad") == "/echo.Echo/Bad"
     bad, good = bs.get("/echo.Echo/Bad"), bs.get("/echo.Echo/Good")
     bs.record(bad, "/echo.Echo/Bad", 0, True, 0.001)
-    assert not bs.allow(bad, "/echo.Echo/Bad", 1) and bs.allow(good, "/echo.Echo/Good", 1)
+    assert bs.allow(bad, "/echo.Echo/Bad", 1) == (False, False)
+    assert bs.allow(good, "/echo.Echo/Good", 1) == (True, False)
     assert seen == [("/echo.Echo/Bad", OPEN)] and bs.open_count == 1
-    bs.get("/echo.Echo/Third")  # past max_keys: the least recently used (Bad) goes, with its count
-    assert bs.open_count == 0 and len(bs.snapshot()["open"]) == 0  # type: ignore[arg-type]
+    # Past max_keys a closed breaker goes before an open one, though Bad is least recently used.
+    bs.get("/echo.Echo/Third")
+    assert bs.open_count == 1 and bs.snapshot()["open"] == {"/echo.Echo/Bad": OPEN}
+    assert good is not None and good.detached
+    bs.record(good, "/echo.Echo/Good", 2, True, 0.001)  # an attempt on the forgotten one ends: no count
+    assert good.state == OPEN and bs.open_count == 1 and len(seen) == 1
+    third = bs.get("/echo.Echo/Third")
+    bs.record(third, "/echo.Echo/Third", 3, True, 0.001)
+    bs.get("/echo.Echo/Fourth")  # all open: the least recently used goes, with its count
+    assert bs.open_count == 1 and "/echo.Echo/Bad" not in bs.snapshot()["open"]  # type: ignore[operator]
     assert Breakers(Breaker(key="service"), print).key_for("/echo.Echo/Bad?x=1") == "/echo.Echo"
 
 
@@ -196,3 +221,40 @@ def test_ewma_forgets_by_time_with_a_floor_per_call() -> None:
     for i in range(40):
         first.observe(0.001 * i, 0.001, False, decay=10.0)
     assert first.success_ewma < 0.15
+
+
+# -- max_retries: reserved when a retry is decided -----------------------------------------------
+
+
+async def test_max_retries_is_taken_when_a_retry_is_decided_and_always_given_back() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from meshproxy.attempts import Retrying
+    from meshproxy.call import Call, EmptyBody, Peer, Protocol
+    from meshproxy.config import Cluster
+    from meshproxy.metrics import Metrics
+    from meshproxy.upstream.guard import Guard
+    from meshproxy.values import parse_address
+
+    metrics = Metrics.create(CollectorRegistry())
+    guard = Guard(Cluster("c", "http2", (parse_address("127.0.0.1:1"),), breaker=Breaker(max_retries=2)), [],
+                  metrics)
+    assert guard.breakers is not None
+    policy = RetryPolicy(attempts=3)
+    budget = retry.Budget(RetryBudget(ratio=1.0, min_per_second=100))
+
+    def retrying() -> Retrying:
+        call = Call(1, Protocol.HTTP2, Peer("127.0.0.1:2"), "l", "egress", "svc", "GET", "/", [], EmptyBody(), 0.0)
+        return Retrying(call, "c", guard, policy, budget, metrics, random.Random(1))
+
+    # Five calls fail at once: two get a retry, before any retry is admitted.
+    calls = [retrying() for _ in range(5)]
+    assert [r.decide("5xx") is not None for r in calls] == [True, True, False, False, False]
+    assert guard.breakers.retries == 2
+    # One retry is admitted and ends; the other call ends without using its slot.
+    a = guard.admit("/", 0.0, calls[0].take_reservation())
+    guard.done(a, None, 0.0, 200, "")
+    calls[1].finish()
+    assert guard.breakers.retries == 0 and guard.breakers.requests == 0
+    # The slots are free for the next failures.
+    assert calls[2].decide("5xx") is not None and guard.breakers.retries == 1

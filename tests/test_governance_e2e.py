@@ -178,6 +178,46 @@ async def test_per_try_timeout_moves_a_stalled_call_on(nursery: trio.Nursery, tm
     stalled.stall = False
 
 
+async def test_per_try_timeout_starts_once_a_streamed_body_is_sent(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery)
+    app = await start_proxy(nursery, config(tmp_path, [backend.port], retry=(
+        "{attempts: 2, per_try_timeout: 200ms, retry_on: [per-try-timeout]}")))
+    # 0.6 s of body, sent slowly: longer than a try, yet nothing is late.
+    slow = [b"x" * 100] * 4
+    c = await H2Client.connect(listen_port(app))
+    sid = c.request("/upload", method="POST", end=False)
+    await c.flush()
+    for i, chunk in enumerate(slow):
+        await trio.sleep(0.15)
+        c.conn.send_data(sid, chunk, end_stream=i == len(slow) - 1)
+        await c.flush()
+    assert (await c.response(sid))[0] == 200
+    await c.aclose()
+    assert backend.body_sizes == [400]
+    assert metric(app, "meshproxy_upstream_retries_total", destination_service="backend",
+                  condition="per-try-timeout") == 0
+
+
+async def test_a_client_cancelling_a_download_is_not_the_upstreams_error(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery)
+    app = await start_proxy(nursery, config(tmp_path, [backend.port], cluster=(
+        "breaker: {consecutive_errors: 1, open_for: 10s}\n    outlier: {consecutive_errors: 1}")))
+    port = listen_port(app)
+    for _ in range(2):
+        c = await H2Client.connect(port, window=1024)
+        sid = c.request("/size/200000")
+        await c.flush()
+        await c.receive(ack=False)  # the head and a little body, then the client gives up
+        c.conn.reset_stream(sid)
+        await c.flush()
+        await c.aclose()
+    await eventually(lambda: len(access_lines(app, tmp_path)) == 2)
+    assert await gets(port, 2) == [200, 200]
+    assert metric(app, "meshproxy_breaker_transitions_total", destination_service="backend", to="open") == 0
+    assert metric(app, "meshproxy_outlier_ejections_total", destination_service="backend",
+                  reason="consecutive_errors") == 0
+
+
 # -- HTTP/2: caps and ejection -------------------------------------------------------------------
 
 
@@ -390,6 +430,31 @@ async def test_thrift_idempotent_methods_retry_a_stalled_endpoint(nursery: trio.
         assert flags.count(["retried"]) == retries
 
 
+async def test_thrift_retry_after_a_per_try_timeout_does_not_queue_behind_the_abandoned_call(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    with ThriftServer() as server:
+        app = await start_proxy(nursery, config(tmp_path, [server.port], protocol="thrift", retry=(
+            "{attempts: 2, per_try_timeout: 300ms, retry_on: [per-try-timeout], idempotent_methods: [echo, sleep]}")))
+        port = listen_port(app)
+
+        def calls() -> list[str]:
+            out = []
+            with client(port, timeout=10) as c:
+                try:
+                    c.sleep(1500)
+                    out.append("ok")
+                except TApplicationException as e:
+                    out.append(str(e.message).split(":")[0])
+                # The server still sleeps on the abandoned calls: this one must not wait behind them.
+                assert c.echo(b"quick") == b"quick"
+                out.append("ok")
+            return out
+
+        assert await trio.to_thread.run_sync(calls) == ["per_try_timeout", "ok"]
+        flags = [line["response_flags"] for line in access_lines(app, tmp_path)]
+        assert flags == [["retried"], None]
+
+
 async def test_thrift_breaker_opens_per_method_and_closes(nursery: trio.Nursery, tmp_path: Path) -> None:
     with ThriftServer() as server:
         app = await start_proxy(nursery, config(tmp_path, [server.port], protocol="thrift", timeout="200ms", cluster=(
@@ -430,7 +495,7 @@ async def test_thrift_client_leaving_while_a_filter_holds_its_call_is_counted_on
     with ThriftServer() as server:
         path = config(tmp_path, [server.port], protocol="thrift")
         text = path.read_text().replace(
-            "    filters: []", "    filters: [{name: rate_limit, algorithm: leaky_bucket, rate: 1, period: 3s, burst: 5}]")
+            "    filters: []", "    filters: [{name: rate_limit, algorithm: leaky_bucket, rate: 1, burst: 5}]")
         app = await start_proxy(nursery, write_config(tmp_path, text))
         port = listen_port(app)
 
@@ -438,7 +503,7 @@ async def test_thrift_client_leaving_while_a_filter_holds_its_call_is_counted_on
             with client(port) as c:
                 assert c.echo(b"first") == b"first"
             with client(port, timeout=0.3) as c, pytest.raises(TTransportException):
-                c.echo(b"second")  # its turn is up to 3 s away: the client gives up first
+                c.echo(b"second")  # its turn is up to 1 s away: the client gives up first
 
         await trio.to_thread.run_sync(leave_while_waiting)
         lines: list[dict[str, Any]] = []
@@ -448,7 +513,7 @@ async def test_thrift_client_leaving_while_a_filter_holds_its_call_is_counted_on
             return len(lines) == 2
 
         await eventually(both_counted, timeout=5)
-        await trio.sleep(3)  # past its turn: the filter lets it go, to nobody, and it is not counted again
+        await trio.sleep(1)  # past its turn: it is not sent upstream, nor counted again
         lines = access_lines(app, tmp_path)
         assert [(line["status"], line["reason"]) for line in lines] == [(200, None), (0, "downstream_closed")]
         assert metric(app, "meshproxy_requests_total", listener="test", direction="egress", route="main",

@@ -376,6 +376,26 @@ async def test_out_of_order_replies_for_clients_that_ask(nursery: trio.Nursery, 
     assert await run(exchange) == [2, 1]
 
 
+async def test_a_call_a_filter_holds_does_not_hold_up_its_connection(
+        nursery: trio.Nursery, tmp_path: Path, servers: list[ThriftServer]) -> None:
+    """A call waiting in a filter (here a fault delay) runs as a task of its own:
+    the connection goes on with the calls behind it."""
+    backend = server(servers)
+    routes = ("      - match: {method: echo, headers: [{name: x-hold, present: true}]}\n        cluster: echo\n"
+              "        filters: [{name: fault, delay: {duration: 500ms}}]\n"
+              "      - match: {}\n        cluster: echo\n")
+    _, port = await proxy(nursery, tmp_path, thrift_yaml({"echo": ("framed", backend.port)}, routes))
+    held = ttheader_call(encode_call("echo", Echo.echo_args(data=b"h"), 1), 1, {b"x-hold": b"1"}, {}, flags=0x01)
+    quick = ttheader_call(encode_call("echo", Echo.echo_args(data=b"q"), 2), 2, {}, {}, flags=0x01)
+
+    def exchange() -> list[int]:
+        with socket.create_connection((HOST, port), timeout=5) as s:
+            s.sendall(held + quick)
+            return [ttheader_reply(read_frame(s))[1] for _ in range(2)]
+
+    assert await run(exchange) == [2, 1]
+
+
 async def test_fifty_concurrent_connections(nursery: trio.Nursery, tmp_path: Path, servers: list[ThriftServer]) -> None:
     backend = server(servers)
     app, port = await proxy(nursery, tmp_path, thrift_yaml({"echo": ("framed", backend.port)}))

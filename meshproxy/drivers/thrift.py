@@ -220,6 +220,9 @@ class ServerConnection(_Connection):
                             await self._capacity.wait()
                     self.flush()
                     await self.transport.flush_and_close(1.0, self.end_reason)
+                else:
+                    # The client is gone: its calls end as lost before their tasks are cancelled.
+                    self._abandon()
                 nursery.cancel_scope.cancel()
         finally:
             self.transport.close(self.end_reason or "closed")

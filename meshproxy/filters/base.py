@@ -81,6 +81,10 @@ class Filter:
     """Base class; override the hooks you need (the chain skips the others)."""
 
     name: ClassVar[str] = ""
+    # True for a filter whose on_request may wait (a queue, a callout, a delay):
+    # a Thrift connection then runs each call as a task of its own, so one
+    # waiting call holds up neither the calls behind it nor noticing a client leave.
+    may_wait: bool = False
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Filter:
@@ -200,10 +204,11 @@ class Chain:
     filters that only look at requests costs nothing on responses.
     """
 
-    __slots__ = ("_request", "_response", "filters")
+    __slots__ = ("_request", "_response", "filters", "may_wait")
 
     def __init__(self, filters: list[Filter]) -> None:
         self.filters = tuple(filters)
+        self.may_wait = any(f.may_wait for f in filters)
         self._request = tuple(
             (i, f.on_request) for i, f in enumerate(filters) if _overrides(f, "on_request")
         )

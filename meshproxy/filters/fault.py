@@ -65,6 +65,7 @@ class FaultFilter(Filter):
         rng: random.Random | None = None,
     ) -> None:
         self.delay = delay
+        self.may_wait = delay is not None
         self.abort = abort
         self.header_gate = header_gate
         self._rng = rng or random.Random()

@@ -287,6 +287,7 @@ class RateLimitFilter(Filter):
         self.max_keys = max_keys
         self.limit_name = limit_name
         self.dry_run = dry_run
+        self.may_wait = algorithm == "leaky_bucket" and not dry_run
         self._key_of = key_of
         self._tokens = TokenBuckets(rate, burst, max_keys) if algorithm == "token_bucket" else None
         self._queues = LeakyBuckets(rate, burst, max_keys) if algorithm == "leaky_bucket" else None

@@ -149,6 +149,7 @@ class RiskControlFilter(Filter):
         self.cluster = cluster
         self.mode = mode
         self.report = mode == "report"
+        self.may_wait = not self.report
         self.timeout = timeout
         self.failure_mode = failure_mode
         self.protocol = protocol

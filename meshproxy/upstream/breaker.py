@@ -14,6 +14,7 @@ map of at most `max_keys`.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -21,6 +22,8 @@ from meshproxy.config import Breaker
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 BUCKETS = 10
+# How many of the least recently used breakers eviction looks through for a closed one.
+EVICTION_SCAN = 16
 
 # gRPC codes that say the server (not the caller) failed.
 GRPC_SERVER_ERRORS = frozenset(("2", "4", "13", "14", "15"))
@@ -48,6 +51,8 @@ class ErrorBreaker:
         "_probes",
         "_slow",
         "_total",
+        "detached",
+        "generation",
         "opened_at",
         "state",
     )
@@ -56,6 +61,10 @@ class ErrorBreaker:
         self._config = config
         self.state = CLOSED
         self.opened_at = 0.0
+        # Counts openings: a half-open breaker heeds only the outcomes of its own
+        # probes, not of attempts admitted before it opened (or re-opened).
+        self.generation = 0
+        self.detached = False  # evicted from its Breakers: it no longer moves their counts
         self._probes = 0
         self._consecutive = 0
         self._bucket_width = config.window / BUCKETS
@@ -63,26 +72,29 @@ class ErrorBreaker:
         self._epoch = -1  # the bucket index (time / width) last written
         self._total = self._errors = self._slow = 0
 
-    def allow(self, now: float) -> bool:
-        """May a call go to the upstream now? Counts a probe when half-open."""
+    def allow(self, now: float) -> tuple[bool, bool]:
+        """May a call go to the upstream now, and is it a half-open probe?"""
         if self.state == CLOSED:
-            return True
+            return True, False
         if self.state == OPEN:
             if now - self.opened_at < self._config.open_for:
-                return False
+                return False, False
             self.state = HALF_OPEN
             self._probes = 0
         if self._probes >= self._config.half_open_requests:
-            return False
+            return False, False
         self._probes += 1
-        return True
+        return True, True
 
-    def record(self, now: float, error: bool, latency: float) -> str | None:
-        """Fold one outcome in; the new state if it changed."""
+    def record(self, now: float, error: bool, latency: float, probe: bool = False,
+               generation: int | None = None) -> str | None:
+        """Fold one outcome in (of a probe of `generation`, if `probe`); the new state if it changed."""
         c = self._config
         if self.state == HALF_OPEN:
+            if not probe or generation != self.generation:
+                return None  # an attempt admitted before it opened: not a probe
             if error:
-                self.state, self.opened_at = OPEN, now
+                self._open(now)
                 return OPEN
             self._reset()
             self.state = CLOSED
@@ -103,14 +115,18 @@ class ErrorBreaker:
             bucket[2] += 1
             self._slow += 1
         if self._should_open():
-            self.state, self.opened_at = OPEN, now
+            self._open(now)
             self._reset()
             return OPEN
         return None
 
-    def abandon(self) -> None:
+    def _open(self, now: float) -> None:
+        self.state, self.opened_at = OPEN, now
+        self.generation += 1
+
+    def abandon(self, probe: bool, generation: int) -> None:
         """An admitted attempt that ended without an outcome (its caller left): free its probe."""
-        if self.state == HALF_OPEN and self._probes > 0:
+        if probe and generation == self.generation and self.state == HALF_OPEN and self._probes > 0:
             self._probes -= 1
 
     def _should_open(self) -> bool:
@@ -171,29 +187,43 @@ class Breakers:
         b = breakers.get(key)
         if b is None:
             if len(breakers) >= self.config.max_keys:
-                _, old = breakers.popitem(last=False)
-                if old.state != CLOSED:
-                    self.open_count -= 1
+                self._evict()
             b = breakers[key] = ErrorBreaker(self.config)
         else:
             breakers.move_to_end(key)
         return b
 
-    def allow(self, breaker: ErrorBreaker | None, key: str, now: float) -> bool:
+    def _evict(self) -> None:
+        """Forget a least recently used breaker, a closed one if one of the oldest
+        few is: forgetting an open breaker closes it early."""
+        breakers = self._by_key
+        victim = next(iter(breakers))
+        for key, b in itertools.islice(breakers.items(), EVICTION_SCAN):
+            if b.state == CLOSED:
+                victim = key
+                break
+        old = breakers.pop(victim)
+        old.detached = True  # attempts still in flight on it must not move the counts
+        if old.state != CLOSED:
+            self.open_count -= 1
+
+    def allow(self, breaker: ErrorBreaker | None, key: str, now: float) -> tuple[bool, bool]:
+        """(allowed, probe)."""
         if breaker is None:
-            return True
+            return True, False
         before = breaker.state
-        ok = breaker.allow(now)
+        allowed = breaker.allow(now)
         if breaker.state != before:
             self._on_transition(key, breaker.state)
-        return ok
+        return allowed
 
-    def record(self, breaker: ErrorBreaker | None, key: str, now: float, error: bool, latency: float) -> None:
+    def record(self, breaker: ErrorBreaker | None, key: str, now: float, error: bool, latency: float,
+               probe: bool = False, generation: int = 0) -> None:
         if breaker is None:
             return
         before = breaker.state
-        after = breaker.record(now, error, latency)
-        if after is None:
+        after = breaker.record(now, error, latency, probe, generation)
+        if after is None or breaker.detached:
             return
         if before == CLOSED:
             self.open_count += 1

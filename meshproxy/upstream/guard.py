@@ -26,13 +26,16 @@ log = logging.getLogger(__name__)
 class Admission:
     """One admitted attempt: what `done` needs to account for it."""
 
-    __slots__ = ("breaker", "key", "retry", "start")
+    __slots__ = ("breaker", "generation", "key", "probe", "retry", "start")
 
-    def __init__(self, key: str, breaker: ErrorBreaker | None, start: float, retry: bool) -> None:
+    def __init__(self, key: str, breaker: ErrorBreaker | None, start: float, retry: bool, probe: bool = False,
+                 generation: int = 0) -> None:
         self.key = key
         self.breaker = breaker
         self.start = start
-        self.retry = retry
+        self.retry = retry  # it holds a max_retries slot
+        self.probe = probe  # a half-open breaker's probe
+        self.generation = generation  # the breaker's, when admitted
 
 
 class Guard:
@@ -62,7 +65,11 @@ class Guard:
             log.info("%s: circuit breaker %s", where, state.replace("_", "-"))
 
     def admit(self, path: str, now: float, retry: bool = False) -> Admission | None:
-        """Before an attempt: raises BreakerOpen or UpstreamOverflow to refuse it."""
+        """Before an attempt: raises BreakerOpen or UpstreamOverflow to refuse it.
+
+        `retry`: the attempt holds a retry slot (reserve_retry); it is released
+        with the attempt, or here if the attempt is refused.
+        """
         b = self.breakers
         if b is None:
             return Admission("", None, now, retry)
@@ -70,22 +77,34 @@ class Guard:
         m = self._metrics
         if c.max_requests and b.requests >= c.max_requests:
             m.child(m.breaker_rejected, self.name, "max_requests").inc()
+            if retry:
+                self.release_retry()
             raise UpstreamOverflow(f"cluster '{self.name}' has {b.requests} requests in flight (max_requests)")
         key = b.key_for(path)
         breaker = b.get(key)
-        if not b.allow(breaker, key, now):
+        allowed, probe = b.allow(breaker, key, now)
+        if not allowed:
             m.child(m.breaker_rejected, self.name, "open").inc()
+            if retry:
+                self.release_retry()
             raise BreakerOpen(f"circuit breaker open for cluster '{self.name}'" + (f" ({key})" if key else ""),
                               c.fallback)
         b.requests += 1
-        if retry:
-            b.retries += 1
-        return Admission(key, breaker, now, retry)
+        return Admission(key, breaker, now, retry, probe, breaker.generation if breaker is not None else 0)
 
-    def may_retry(self) -> bool:
-        """The max_retries cap (retries in flight to the cluster)."""
+    def reserve_retry(self) -> bool:
+        """Take a slot of the max_retries cap (retries in flight to the cluster); False if none is left."""
         b = self.breakers
-        return b is None or not b.config.max_retries or b.retries < b.config.max_retries
+        if b is None:
+            return True
+        if b.config.max_retries and b.retries >= b.config.max_retries:
+            return False
+        b.retries += 1
+        return True
+
+    def release_retry(self) -> None:
+        if self.breakers is not None:
+            self.breakers.retries -= 1
 
     def done(self, a: Admission | None, endpoint: EndpointState | None, now: float, status: int, grpc_status: str,
              local_failure: bool = False) -> str | None:
@@ -99,7 +118,7 @@ class Guard:
             b.requests -= 1
             if a.retry:
                 b.retries -= 1
-            b.record(a.breaker, a.key, now, error, latency)
+            b.record(a.breaker, a.key, now, error, latency, a.probe, a.generation)
         if endpoint is None:
             return None
         if self.decay:
@@ -130,7 +149,7 @@ class Guard:
         if a.retry:
             self.breakers.retries -= 1
         if a.breaker is not None:
-            a.breaker.abandon()
+            a.breaker.abandon(a.probe, a.generation)
 
     def snapshot(self) -> dict[str, object] | None:
         return self.breakers.snapshot() if self.breakers is not None else None
