@@ -16,6 +16,7 @@ from meshproxy.filters.base import Chain, Filter, FilterContext
 from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
 from meshproxy.filters.mirror import MirrorFilter
+from meshproxy.filters.overload import OverloadFilter
 from meshproxy.filters.rate_limit import RateLimitFilter
 from meshproxy.filters.risk_control import RiskControlFilter
 from meshproxy.filters.ticket import TicketFilter
@@ -30,6 +31,7 @@ FILTER_TYPES: dict[str, type[Filter]] = {
     AuthzFilter.name: AuthzFilter,
     RiskControlFilter.name: RiskControlFilter,
     RateLimitFilter.name: RateLimitFilter,
+    OverloadFilter.name: OverloadFilter,
 }
 
 ENTRY_POINT_GROUP = "meshproxy.filters"

@@ -21,6 +21,8 @@ from meshproxy.filters.base import CONTINUE, Chain, Continue, Filter, Options, R
 from meshproxy.filters.fault import FaultFilter
 from meshproxy.filters.headers import HeadersFilter
 from meshproxy.filters.mirror import MirrorFilter
+from meshproxy.filters.overload import OverloadFilter
+from meshproxy.filters.rate_limit import RateLimitFilter
 from meshproxy.filters.risk_control import RiskControlFilter
 from meshproxy.filters.ticket import TicketFilter
 from meshproxy.filters.unit_routing import UnitRoutingFilter
@@ -425,7 +427,8 @@ def test_resolve_builtins() -> None:
     assert resolve("mirror") is MirrorFilter
     assert FILTER_TYPES == {
         "headers": HeadersFilter, "fault": FaultFilter, "mirror": MirrorFilter, "ticket": TicketFilter, "authz": AuthzFilter,
-        "unit_routing": UnitRoutingFilter, "risk_control": RiskControlFilter,
+        "unit_routing": UnitRoutingFilter, "risk_control": RiskControlFilter, "rate_limit": RateLimitFilter,
+        "overload": OverloadFilter,
     }
 
 
@@ -455,7 +458,9 @@ def test_unknown_name_lists_the_builtins() -> None:
     with pytest.raises(FilterOptionError) as info:
         resolve("ratelimit")
     assert info.value.key == "name"
-    assert info.value.message == "unknown filter 'ratelimit' (built-in: authz, fault, headers, mirror, risk_control, ticket, unit_routing; or give module:Class)"
+    assert info.value.message == (
+        "unknown filter 'ratelimit' (built-in: authz, fault, headers, mirror, overload, rate_limit, risk_control, "
+        "ticket, unit_routing; or give module:Class)")
 
 
 @pytest.mark.parametrize(
