@@ -379,7 +379,7 @@ def test_cli_missing_file_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert result.stderr == f"{path}: cannot read: No such file or directory\n"
 
 
-@pytest.mark.parametrize("name", ["egress.yaml", "ingress.yaml"])
+@pytest.mark.parametrize("name", ["egress.yaml", "ingress.yaml", "governance.yaml"])
 def test_cli_check_prints_the_effective_config(name: str) -> None:
     result = run_cli("--check", "--conf", f"conf/{name}")
     assert result.returncode == 0, result.stderr
