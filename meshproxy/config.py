@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from meshproxy.values import Address, parse_address, parse_duration, parse_size
+from meshproxy.values import (
+    Address,
+    parse_address,
+    parse_duration,
+    parse_positive_duration,
+    parse_size,
+)
 
 T = TypeVar("T")
 
@@ -552,10 +558,10 @@ def _mirror(r: _Reader, raw: object) -> MirrorConfig:
                 type=kind,
                 directory=r.value(s, "directory", _absolute_path, sink.directory),
                 segment_bytes=r.value(s, "segment_bytes", _at_least_kib, sink.segment_bytes),
-                segment_age=r.value(s, "segment_age", _positive_duration, sink.segment_age),
+                segment_age=r.value(s, "segment_age", parse_positive_duration, sink.segment_age),
                 retention_bytes=r.value(s, "retention_bytes", _at_least_kib, sink.retention_bytes),
                 fsync=r.value(s, "fsync", _one_of(("always", "interval", "never")), sink.fsync),
-                fsync_interval=r.value(s, "fsync_interval", _positive_duration, sink.fsync_interval),
+                fsync_interval=r.value(s, "fsync_interval", parse_positive_duration, sink.fsync_interval),
                 url=url,
                 stream=r.value(s, "stream", _string, "" if kind == "nats" else sink.stream),
                 max_length=r.value(s, "max_length", _positive_int, sink.max_length),
@@ -566,8 +572,8 @@ def _mirror(r: _Reader, raw: object) -> MirrorConfig:
         sink=sink,
         queue_size=r.value(m, "queue_size", _positive_int, d.queue_size),
         max_record_bytes=r.value(m, "max_record_bytes", _at_least_kib, d.max_record_bytes),
-        flush_interval=r.value(m, "flush_interval", _positive_duration, d.flush_interval),
-        shutdown_timeout=r.value(m, "shutdown_timeout", _positive_duration, d.shutdown_timeout),
+        flush_interval=r.value(m, "flush_interval", parse_positive_duration, d.flush_interval),
+        shutdown_timeout=r.value(m, "shutdown_timeout", parse_positive_duration, d.shutdown_timeout),
     )
 
 
@@ -591,13 +597,6 @@ def _ring_size(raw: object) -> int:
     return size
 
 
-def _positive_duration(raw: object) -> float:
-    value = parse_duration(raw)
-    if value <= 0:
-        raise ValueError(f"expected a duration above zero, got {raw!r}")
-    return value
-
-
 # ---------------------------------------------------------------------------
 # The sections.
 
@@ -608,10 +607,10 @@ _DATACLASS_PARSERS: dict[str, Callable[[object], Any]] = {
     "max_header_list_size": parse_size,
     "stream_window": _window,
     "connection_window": _window,
-    "idle_timeout": _positive_duration,
-    "write_timeout": _positive_duration,
-    "keepalive_interval": _positive_duration,
-    "keepalive_timeout": _positive_duration,
+    "idle_timeout": parse_positive_duration,
+    "write_timeout": parse_positive_duration,
+    "keepalive_interval": parse_positive_duration,
+    "keepalive_timeout": parse_positive_duration,
     "transport": _one_of(THRIFT_TRANSPORTS),
     "protocol": _one_of(THRIFT_PROTOCOLS),
     "service": _string,
@@ -688,8 +687,8 @@ def _retry(r: _Reader, raw: object, protocol: str) -> RetryPolicy:
         with r.at("backoff"):
             try:
                 b = r.mapping(m["backoff"], ("base", "max"))
-                base = r.value(b, "base", _positive_duration, base)
-                cap = r.value(b, "max", _positive_duration, max(cap, base))
+                base = r.value(b, "base", parse_positive_duration, base)
+                cap = r.value(b, "max", parse_positive_duration, max(cap, base))
                 if cap < base:
                     r.problem(f"must not be less than base ({base}s)", "max")
             except _Invalid:
@@ -702,7 +701,7 @@ def _retry(r: _Reader, raw: object, protocol: str) -> RetryPolicy:
                 budget = RetryBudget(
                     r.value(b, "ratio", _ratio, budget.ratio),
                     r.value(b, "min_per_second", _non_negative_number, budget.min_per_second),
-                    r.value(b, "window", _positive_duration, budget.window),
+                    r.value(b, "window", parse_positive_duration, budget.window),
                 )
             except _Invalid:
                 pass
@@ -765,7 +764,7 @@ def _breaker(r: _Reader, raw: object) -> Breaker:
         with r.at("slow_call"):
             try:
                 sm = r.mapping(m["slow_call"], ("threshold", "ratio"), required=("threshold", "ratio"))
-                slow_threshold = r.value(sm, "threshold", _positive_duration, 1.0)
+                slow_threshold = r.value(sm, "threshold", parse_positive_duration, 1.0)
                 slow_ratio = r.value(sm, "ratio", _ratio, 0.5)
             except _Invalid:
                 pass
@@ -777,9 +776,9 @@ def _breaker(r: _Reader, raw: object) -> Breaker:
         consecutive_errors=r.value(m, "consecutive_errors", cap, d.consecutive_errors),
         slow_threshold=slow_threshold,
         slow_ratio=slow_ratio,
-        window=r.value(m, "window", _positive_duration, d.window),
+        window=r.value(m, "window", parse_positive_duration, d.window),
         min_requests=r.value(m, "min_requests", _positive_int, d.min_requests),
-        open_for=r.value(m, "open_for", _positive_duration, d.open_for),
+        open_for=r.value(m, "open_for", parse_positive_duration, d.open_for),
         half_open_requests=r.value(m, "half_open_requests", _bounded_int(1, 1000), d.half_open_requests),
         max_keys=r.value(m, "max_keys", _bounded_int(1, 100_000), d.max_keys),
         fallback=fallback,
@@ -810,11 +809,11 @@ def _header_pairs(raw: object) -> tuple[tuple[str, str], ...]:
 def _outlier(r: _Reader, raw: object) -> Outlier:
     m = r.mapping(raw, tuple(Outlier.__dataclass_fields__))
     d = Outlier()
-    base = r.value(m, "base_ejection", _positive_duration, d.base_ejection)
+    base = r.value(m, "base_ejection", parse_positive_duration, d.base_ejection)
     return Outlier(
         consecutive_errors=r.value(m, "consecutive_errors", _positive_int, d.consecutive_errors),
         base_ejection=base,
-        max_ejection=r.value(m, "max_ejection", _positive_duration, max(d.max_ejection, base)),
+        max_ejection=r.value(m, "max_ejection", parse_positive_duration, max(d.max_ejection, base)),
         max_ejected_percent=r.value(m, "max_ejected_percent", _bounded_int(0, 100), d.max_ejected_percent),
     )
 
@@ -830,8 +829,8 @@ def _health_check(r: _Reader, raw: object, protocol: str) -> HealthCheck:
     d = HealthCheck(kind)
     check = HealthCheck(
         type=kind,
-        interval=r.value(m, "interval", _positive_duration, d.interval),
-        timeout=r.value(m, "timeout", _positive_duration, d.timeout),
+        interval=r.value(m, "interval", parse_positive_duration, d.interval),
+        timeout=r.value(m, "timeout", parse_positive_duration, d.timeout),
         healthy_threshold=r.value(m, "healthy_threshold", _bounded_int(1, 100), d.healthy_threshold),
         unhealthy_threshold=r.value(m, "unhealthy_threshold", _bounded_int(1, 100), d.unhealthy_threshold),
         path=r.value(m, "path", _path_string, d.path),
@@ -847,7 +846,7 @@ def _dynamic_weights(r: _Reader, raw: object) -> DynamicWeights:
     if raw is True:
         return DynamicWeights()
     m = r.mapping(raw, ("decay",))
-    return DynamicWeights(r.value(m, "decay", _positive_duration, DynamicWeights().decay))
+    return DynamicWeights(r.value(m, "decay", parse_positive_duration, DynamicWeights().decay))
 
 
 def _weighted_clusters(raw: object) -> tuple[tuple[str, int], ...]:
@@ -990,7 +989,7 @@ def _cluster(r: _Reader, raw: object, index: int) -> Cluster:
                 endpoints.append(ep)
                 units.append(unit)
     lb = r.value(m, "lb", _one_of(LB_POLICIES), "round_robin")
-    connect_timeout = r.value(m, "connect_timeout", _positive_duration, 1.0)
+    connect_timeout = r.value(m, "connect_timeout", parse_positive_duration, 1.0)
     http2 = Http2Cluster()
     if "http2" in m:
         with r.at("http2"):
@@ -1035,7 +1034,7 @@ def _listener_tls(r: _Reader, raw: object, protocol: str) -> ListenerTls:
         r.value(m, "key", _tls_file(r), ""),
         r.value(m, "ca", _tls_file(r), ""),
         r.value(m, "min_version", _tls_version, "1.2"),
-        r.value(m, "handshake_timeout", _positive_duration, 5.0),
+        r.value(m, "handshake_timeout", parse_positive_duration, 5.0),
     )
     if tls.cert and tls.key:
         from meshproxy import tls as tls_runtime
@@ -1067,7 +1066,7 @@ def _cluster_tls(r: _Reader, raw: object, protocol: str) -> ClusterTls:
         r.value(m, "server_name", _string, ""),
         r.value(m, "peer_identities", _string_tuple, ()),
         r.value(m, "min_version", _tls_version, "1.2"),
-        r.value(m, "handshake_timeout", _positive_duration, 5.0),
+        r.value(m, "handshake_timeout", parse_positive_duration, 5.0),
     )
     if mode == "simple" or (tls.cert and tls.key):
         from meshproxy import tls as tls_runtime

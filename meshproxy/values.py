@@ -23,6 +23,14 @@ def parse_duration(value: object) -> float:
     raise ValueError(f"expected a duration like 250ms, 5s or 1m, got {value!r}")
 
 
+def parse_positive_duration(value: object) -> float:
+    """A duration above zero (timeouts, intervals, windows)."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
+
+
 def parse_size(value: object) -> int:
     """65536, '64KiB', '4MiB' -> bytes."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:

@@ -159,6 +159,15 @@ def share(raw: Any) -> float:
     return float(raw)
 
 
+def whole_number(least: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < least:
+            raise ValueError(f"expected a whole number >= {least}, got {raw!r}")
+        return raw
+
+    return parse
+
+
 def header_name(raw: Any) -> bytes:
     """A header / Thrift metadata name, lower-cased: ASCII, no whitespace or colon."""
     if not isinstance(raw, str) or not raw or not raw.isascii() or any(c in raw for c in " :\t\r\n"):

@@ -55,6 +55,7 @@ from meshproxy.filters.base import (
     Options,
     Respond,
     header_name,
+    whole_number,
 )
 from meshproxy.overload import (
     AdaptiveLimit,
@@ -65,7 +66,7 @@ from meshproxy.overload import (
     Ticket,
     Waiter,
 )
-from meshproxy.values import parse_duration
+from meshproxy.values import parse_duration, parse_positive_duration
 
 STATE_KEY = "overload"  # call.filter_state key of a dispatched call's ticket
 DEFAULT_HEADER = b"x-priority"
@@ -125,13 +126,13 @@ class OverloadFilter(Filter):
                 "priority.metadata", "give one of header or metadata (they name the same lookup)"
             )
         lim = o.section("limit")
-        initial = lim.get("initial", _whole(1), 20)
-        least = lim.get("min", _whole(1), 1)
-        most = lim.get("max", _whole(1), 1000)
-        window = lim.get("window", _positive_duration, 0.1)
-        min_samples = lim.get("min_samples", _whole(1), 10)
+        initial = lim.get("initial", whole_number(1), 20)
+        least = lim.get("min", whole_number(1), 1)
+        most = lim.get("max", whole_number(1), 1000)
+        window = lim.get("window", parse_positive_duration, 0.1)
+        min_samples = lim.get("min_samples", whole_number(1), 10)
         tolerance = lim.get("tolerance", _tolerance, 0.25)
-        probe_interval = lim.get("probe_interval", _positive_duration, 30.0)
+        probe_interval = lim.get("probe_interval", parse_positive_duration, 30.0)
         lim.done()
         if least > most:
             raise FilterOptionError("limit.min", f"{least} is above limit.max {most}")
@@ -140,12 +141,12 @@ class OverloadFilter(Filter):
                 "limit.initial", f"{initial} is outside limit.min..limit.max ({least}..{most})"
             )
         q = o.section("queue")
-        max_queue = q.get("max_length", _whole(0), 100)
-        max_wait = q.get("max_wait", _positive_duration, 0.5)
+        max_queue = q.get("max_length", whole_number(0), 100)
+        max_wait = q.get("max_wait", parse_positive_duration, 0.5)
         q.done()
         c = o.section("cpu")
         cpu_max = c.get("max", _cpu_share, None)
-        cpu_interval = c.get("interval", _positive_duration, 1.0)
+        cpu_interval = c.get("interval", parse_positive_duration, 1.0)
         c.done()
         if "cpu" in options and cpu_max is None:
             raise FilterOptionError(
@@ -326,22 +327,6 @@ def _route_priorities(raw: Any) -> dict[str, int]:
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
     return out
-
-
-def _whole(least: int) -> Callable[[Any], int]:
-    def parse(raw: Any) -> int:
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw < least:
-            raise ValueError(f"expected a whole number >= {least}, got {raw!r}")
-        return raw
-
-    return parse
-
-
-def _positive_duration(raw: Any) -> float:
-    seconds = parse_duration(raw)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration greater than 0, got {raw!r}")
-    return seconds
 
 
 def _tolerance(raw: Any) -> float:

@@ -61,8 +61,9 @@ from meshproxy.filters.base import (
     header_name,
     one_of,
     text,
+    whole_number,
 )
-from meshproxy.values import parse_duration
+from meshproxy.values import parse_positive_duration
 
 ALGORITHMS = ("token_bucket", "leaky_bucket")
 KEY_KINDS = ("route", "principal")
@@ -216,22 +217,6 @@ def _rate(raw: Any) -> float:
     return float(raw)
 
 
-def _whole(least: int) -> Callable[[Any], int]:
-    def parse(raw: Any) -> int:
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw < least:
-            raise ValueError(f"expected a whole number >= {least}, got {raw!r}")
-        return raw
-
-    return parse
-
-
-def _period(raw: Any) -> float:
-    seconds = parse_duration(raw)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration greater than 0, got {raw!r}")
-    return seconds
-
-
 KeyOf = Callable[[Call], Hashable | None]
 
 
@@ -304,17 +289,17 @@ class RateLimitFilter(Filter):
                 "rate", "required: calls per period (per second unless period is given)"
             )
         rate = o.get("rate", _rate, 1.0)
-        period = o.get("period", _period, 1.0)
+        period = o.get("period", parse_positive_duration, 1.0)
         per_second = rate / period
         # One second's worth by default (at least 1): `rate: 100` alone allows 100 at once.
-        burst = o.get("burst", _whole(1), max(1, math.floor(per_second + 0.5)))
+        burst = o.get("burst", whole_number(1), max(1, math.floor(per_second + 0.5)))
         key_of, key_name = _key_option(o, options.get("key"))
         missing = o.get("missing", one_of(MISSING), "limit")
         if "missing" in options and "key" not in options:
             raise FilterOptionError(
                 "missing", "only with key: without one every call shares one bucket"
             )
-        max_keys = o.get("max_keys", _whole(1), DEFAULT_MAX_KEYS)
+        max_keys = o.get("max_keys", whole_number(1), DEFAULT_MAX_KEYS)
         # Not `name`: in a filter entry that is the filter type.
         limit_name = o.get("limit", text, "rate_limit")
         dry_run = o.get("dry_run", flag, False)

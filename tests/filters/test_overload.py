@@ -397,7 +397,7 @@ def test_the_config_contract_parses() -> None:
             {"limit": {"initial": 2000}},
             "limit.initial: 2000 is outside limit.min..limit.max (1..1000)",
         ),
-        ({"limit": {"window": "0s"}}, "limit.window: expected a duration greater than 0, got '0s'"),
+        ({"limit": {"window": "0s"}}, "limit.window: expected a duration above zero, got '0s'"),
         ({"queue": {"max_length": -1}}, "queue.max_length: expected a whole number >= 0, got -1"),
         (
             {"queue": {"max_wait": 5}},

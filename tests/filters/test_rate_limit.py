@@ -574,7 +574,7 @@ async def test_leaky_bucket_table_full_is_a_refusal(autojump_clock: trio.testing
         ({"rate": None, "burst": 5}, "rate", "required"),
         ({"burst": 0}, "burst", ">= 1"),
         ({"burst": 2.5}, "burst", "whole number"),
-        ({"period": "0s"}, "period", "greater than 0"),
+        ({"period": "0s"}, "period", "above zero"),
         ({"period": "soon"}, "period", "duration"),
         ({"algorithm": "sliding_window"}, "algorithm", "token_bucket, leaky_bucket"),
         ({"key": "caller"}, "key", "{header: NAME}"),
