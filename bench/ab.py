@@ -9,6 +9,13 @@ the measurements alternate, baseline, variant, baseline, variant...; each
 ratio compares a variant's run with the baseline runs next to it, and the
 median over the rounds is reported. Same origin, pinning and h2load as
 bench/run.py (see bench/README.md).
+
+A variant may name its own baseline as VARIANT/BASELINE: e.g. the current
+tree against an older commit's (meshproxy-base runs meshproxy from the git
+worktree given by --base-tree):
+
+    git worktree add /tmp/mp-base d8e0261
+    python3 bench/ab.py --variants meshproxy/meshproxy-base,meshproxy-governance --rounds 5
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,14 +65,23 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=4, help="per throughput run")
     ap.add_argument("--latency-n", type=int, default=2000)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--base-tree", type=Path, default=h.BASE_TREE,
+                    help="the tree meshproxy-base runs from (a git worktree of an older commit)")
     o = ap.parse_args()
-    variants = [v for v in o.variants.split(",") if v]
-    names = [o.baseline, *variants]
+    h.BASE_TREE = o.base_tree
+    # "VARIANT/BASELINE" compares VARIANT with BASELINE; a bare VARIANT is compared with --baseline.
+    pairs = {}
+    for spec in filter(None, o.variants.split(",")):
+        v, _, base = spec.partition("/")
+        pairs[spec] = (v, base or o.baseline)
+    variants = list(pairs)
+    names = list(dict.fromkeys(n for pair in pairs.values() for n in pair))
     results: dict[str, dict[str, list[float]]] = {n: {"rps_small": [], "rps_16k": [], "p50": [], "p99": []}
                                                   for n in names}
     ratios: dict[str, dict[str, list[float]]] = {v: {k: [] for k in ("rps_small", "rps_16k", "p50", "p99")}
                                                  for v in variants}
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    loadavg_before = h.loadavg()
     with h.Bench(nofile=65536) as b:
         origin = b.start_origin()
         svcs = {n: b.start_target(n, origin) for n in names}
@@ -76,12 +93,13 @@ def main() -> int:
                 return 1
             throughput(svc, "small", 2, [])  # warm-up
         for rnd in range(o.rounds):
-            for v in variants:
+            for spec in variants:
+                v, base = pairs[spec]
                 row: dict[str, dict[str, float]] = {}
                 # The baseline gets the variant's request headers too: the same requests, only the filter differs.
-                hdr = h.TARGET_HEADERS.get(v, [])
+                hdr = h.TARGET_HEADERS.get(v, h.TARGET_HEADERS.get(base, []))
                 # baseline, variant, baseline: the variant is compared with the mean of the two around it
-                for who in (o.baseline, v, o.baseline):
+                for who in (base, v, base):
                     svc = svcs[who]
                     b.refresh_origin()
                     m = {"rps_small": throughput(svc, "small", o.seconds, hdr),
@@ -93,20 +111,32 @@ def main() -> int:
                         row[who] = m
                     for k, val in m.items():
                         results[who][k].append(val)
-                for k in ratios[v]:
-                    ratios[v][k].append(row[v][k] / row[o.baseline][k])
-                r = {k: f"{x[-1]:.3f}" for k, x in ratios[v].items()}
-                print(f"round {rnd + 1} {v}/{o.baseline}: {r}", flush=True)
-    print(f"\nmedians over {o.rounds} rounds (variant / {o.baseline}; rps higher is better, latency lower):")
-    summary = {}
-    for v in variants:
-        summary[v] = {k: round(statistics.median(x), 3) for k, x in ratios[v].items()}
-        print(f"  {v:28s} " + ", ".join(f"{k} {x:.3f}x" for k, x in summary[v].items()))
+                for k in ratios[spec]:
+                    ratios[spec][k].append(row[v][k] / row[base][k])
+                r = {k: f"{x[-1]:.3f}" for k, x in ratios[spec].items()}
+                print(f"round {rnd + 1} {v}/{base}: {r}", flush=True)
+        base_rev = b.base_rev
+    loadavg_after = h.loadavg()
+    print(f"\nmedians over {o.rounds} rounds, [min-max] (variant / baseline; rps higher is better, latency lower):")
+    summary, spread = {}, {}
+    for spec in variants:
+        v, base = pairs[spec]
+        summary[spec] = {k: round(statistics.median(x), 3) for k, x in ratios[spec].items()}
+        spread[spec] = {k: [round(min(x), 3), round(max(x), 3)] for k, x in ratios[spec].items()}
+        print(f"  {v + '/' + base:36s} " + ", ".join(f"{k} {x:.3f}x [{spread[spec][k][0]:.3f}-{spread[spec][k][1]:.3f}]"
+                                                   for k, x in summary[spec].items()))
     print("\nabsolute medians:")
     for n in names:
-        print(f"  {n:28s} " + ", ".join(f"{k} {statistics.median(x):,.0f}" for k, x in results[n].items()))
+        print(f"  {n:36s} " + ", ".join(f"{k} {statistics.median(x):,.0f}" for k, x in results[n].items()))
     if o.json:
-        Path(o.json).write_text(json.dumps({"started": started, "method": vars(o), "ratios": summary,
+        git = subprocess.run(["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True).stdout.strip()
+        method = {**vars(o), "base_tree": str(o.base_tree), "pairs": pairs,
+                  "configs": {n: h.DESCRIPTIONS.get(n, "") for n in names}}
+        Path(o.json).write_text(json.dumps({"started": started, "method": method,
+                                            "versions": {"git": git, "base_git": base_rev},
+                                            "loadavg_before": loadavg_before, "loadavg_after": loadavg_after,
+                                            "ratios": summary, "spread": spread,
                                             "ratio_rounds": ratios, "runs": results}, indent=1))
     return 0
 

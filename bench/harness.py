@@ -39,6 +39,8 @@ SIZES = {"small": 100, "16k": 16 * 1024}
 TARGETS = ["direct", "meshproxy", "meshproxy-log", "meshproxy-mirror", "meshproxy-mirror-redis",
            "meshproxy-mirror-stalled", "meshproxy-authz", "meshproxy-unit", "meshproxy-risk", "meshproxy-risk-report", "naive", "nginx", "haproxy",
            "direct-tls", "meshproxy-tls", "nginx-tls"]
+# Known to start_target but not in run.py's default set: meshproxy-base needs a worktree (BASE_TREE).
+AB_ONLY_TARGETS = ["meshproxy-base", "meshproxy-governance"]
 DESCRIPTIONS = {
     "direct": "h2load -> origin (no proxy)",
     "meshproxy": "meshproxy, metrics on, access log off",
@@ -52,6 +54,10 @@ DESCRIPTIONS = {
     "meshproxy-risk": "meshproxy, metrics on, risk_control enforce (JSON, 50 ms timeout) against a fixed verdict "
                       "served by the origin nginx",
     "meshproxy-risk-report": "the same in report mode",
+    "meshproxy-base": "meshproxy's plain config, run from an older tree (BASE_TREE, a git worktree; "
+                      "PYTHONPATH and cwd point at it)",
+    "meshproxy-governance": "meshproxy, metrics on, retry with a budget on the route; error breaker per method, "
+                            "outlier ejection and dynamic weights on the cluster (nothing fails: the bookkeeping cost)",
     "naive": "naive trio + h2 forwarder (bench/naive_forwarder.py)",
     "direct-tls": "h2load -> origin over TLS (no proxy)",
     "meshproxy-tls": "meshproxy, TLS from h2load (TLS 1.3; h2load sends no client certificate), "
@@ -327,12 +333,60 @@ def risk_filter(mode: str) -> str:
             "failure_mode: allow, protocol: json}\n")
 
 
+# meshproxy-governance: the governance options that act on every call of the plain path (no health check:
+# it is off the request path). Nothing fails in the bench, so this measures bookkeeping, not retries.
+GOVERNANCE_ROUTE = ("        retry: {attempts: 3, retry_on: [connect-failure, refused-stream, gateway-error], "
+                    "budget: {ratio: 0.2, min_per_second: 3}}\n")
+GOVERNANCE_CLUSTER = ("    breaker: {key: method, error_ratio: 0.5, min_requests: 20, max_requests: 10000}\n"
+                      "    outlier: {consecutive_errors: 5}\n"
+                      "    dynamic_weights: true\n")
+
+# meshproxy-base runs meshproxy from this tree (a git worktree of an older commit), e.g.
+#   git worktree add /tmp/mp-base d8e0261
+# ab.py --base-tree sets it.
+BASE_TREE = Path(os.environ.get("MESHPROXY_BASE_TREE", "/tmp/mp-base"))
+
+
+def base_tree_env(tree: Path) -> dict:
+    """The environment that makes a meshproxy process import the package from `tree`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def check_base_tree(tree: Path, env: dict) -> str:
+    """Fail unless the interpreter that runs meshproxy imports the package from `tree`; return its git describe."""
+    if not (tree / "meshproxy" / "__init__.py").is_file():
+        raise RuntimeError(f"no meshproxy package under {tree}: create it with "
+                           f"`git worktree add {tree} <commit>`")
+    exe = meshproxy_argv(Path("x"))[0]
+    py = sys.executable
+    if exe != sys.executable:  # the console script: use its interpreter (its #! line)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            first = Path(exe).read_text().splitlines()[0]
+            if first.startswith("#!") and "python" in first and " " not in first[2:].strip():
+                py = first[2:].strip()
+    code = ("import importlib.util, meshproxy; "
+            "print(meshproxy.__file__); print(importlib.util.find_spec('meshproxy.upstream.guard') is not None)")
+    cp = subprocess.run([py, "-c", code], env=env, cwd=tree, capture_output=True, text=True, timeout=30)
+    lines = cp.stdout.split()
+    if cp.returncode != 0 or not lines or not Path(lines[0]).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"{py} with PYTHONPATH={tree} imports meshproxy from {lines[:1]} "
+                           f"(exit {cp.returncode}): {cp.stderr.strip()}")
+    rev = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip()
+    warn(f"meshproxy-base: package from {lines[0]} (git {rev}); "
+         f"meshproxy.upstream.guard {'present' if lines[1] == 'True' else 'absent'}")
+    return rev
+
+
 # Request headers h2load adds for a target (the unit routing key).
 TARGET_HEADERS = {"meshproxy-unit": ["-H", "x-user-id: 4242"]}
 
 
 def meshproxy_conf(port: int, admin: int, origin: int, access_log: str | None, mirror: str | None = None,
-                   tls_dir: Path | None = None, filters: str = "", risk: int = 0) -> str:
+                   tls_dir: Path | None = None, filters: str = "", risk: int = 0,
+                   route_extra: str = "", cluster_extra: str = "") -> str:
     log = f"{{enabled: true, path: {access_log}}}" if access_log else "{enabled: false}"
     mirror_top = f"mirror: {{sink: {mirror}, queue_size: 20000}}\n" if mirror else ""
     filters = filters or ("    filters:\n      - {name: mirror, sample: 1.0, max_body_bytes: 65536, "
@@ -355,11 +409,11 @@ access_log: {log}
       - match: {{prefix: /}}
         cluster: origin
         timeout: 30s
-clusters:
+{route_extra}clusters:
   - name: origin
     protocol: http2
     endpoints: ["127.0.0.1:{origin}"]
-{cluster_tls}{risk_cluster}"""
+{cluster_extra}{cluster_tls}{risk_cluster}"""
 
 
 def meshproxy_argv(conf: Path) -> list[str]:
@@ -401,6 +455,7 @@ class Bench:
         self.keep = keep
         self.nofile = nofile
         self.services: list[Service] = []
+        self.base_rev = ""  # git describe of BASE_TREE once meshproxy-base started
         www = self.dir / "www"
         www.mkdir()
         for name, size in SIZES.items():
@@ -431,14 +486,14 @@ class Bench:
         return fn
 
     def start(self, name: str, argv: list[str], port: int, cpu: int | None,
-              admin: int | None = None, env: dict | None = None) -> Service:
+              admin: int | None = None, env: dict | None = None, cwd: Path | None = None) -> Service:
         pin = None
         if cpu is not None:
             argv, pin = pinned(argv, cpu)
         log = self.dir / f"{name}.out"
         with open(log, "wb") as f:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                    preexec_fn=self._preexec(pin), cwd=self.dir, env=env)
+                                    preexec_fn=self._preexec(pin), cwd=cwd or self.dir, env=env)
         svc = Service(name, proc, port, log, admin)
         self.services.append(svc)
         return svc
@@ -558,8 +613,14 @@ class Bench:
                        else risk_filter("report" if target.endswith("report") else "enforce")
                        if target.startswith("meshproxy-risk") else "")
             risk = origin.port if target.startswith("meshproxy-risk") else 0
-            conf.write_text(meshproxy_conf(port, admin, upstream, log, sink, tls_dir, filters, risk))
-            svc = self.start(target, meshproxy_argv(conf), port, PROXY_CPU, admin=admin)
+            gov = target == "meshproxy-governance"
+            conf.write_text(meshproxy_conf(port, admin, upstream, log, sink, tls_dir, filters, risk,
+                                           GOVERNANCE_ROUTE if gov else "", GOVERNANCE_CLUSTER if gov else ""))
+            env = cwd = None
+            if target == "meshproxy-base":
+                env, cwd = base_tree_env(BASE_TREE), BASE_TREE
+                self.base_rev = check_base_tree(BASE_TREE, env)
+            svc = self.start(target, meshproxy_argv(conf), port, PROXY_CPU, admin=admin, env=env, cwd=cwd)
             if tls_dir:
                 svc.scheme = "https"
             self.wait_ready(svc)
