@@ -642,7 +642,7 @@ class _Retry:
 
 def _retry_reply(retrying: Retrying, head: Headers, ustream: Stream) -> _Retry | None:
     """The upstream's response head: a _Retry if it is retried rather than forwarded."""
-    status = int(dict(head)[b":status"])
+    status = int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
     # A gRPC failure comes trailers-only (its status in the head, the stream ended).
     grpc_status = _grpc_status(head) if retrying.call.is_grpc and ustream.ended else ""
     condition = retry.http_condition(retrying.policy, status, grpc_status or None)

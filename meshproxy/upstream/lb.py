@@ -57,6 +57,8 @@ class WeightedRoundRobin:
         if not candidates:
             return None
         healthy = [i for i in candidates if items[i].healthy(now)] or candidates
+        if len(healthy) == 1:
+            return healthy[0]
         current = self._current
         total = 0.0
         best = -1
