@@ -24,6 +24,7 @@ metrics (filters that count or that speak for the node override it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -157,6 +158,17 @@ def share(raw: Any) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 1:
         raise ValueError(f"expected a share from 0 to 1, got {raw!r}")
     return float(raw)
+
+
+def positive_number(what: str) -> Callable[[Any], float]:
+    """A finite number above zero; `what` names it in the error ("calls per second")."""
+
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not raw > 0 or not math.isfinite(raw):
+            raise ValueError(f"expected {what} greater than 0, got {raw!r}")
+        return float(raw)
+
+    return parse
 
 
 def whole_number(least: int) -> Callable[[Any], int]:

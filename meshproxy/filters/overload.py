@@ -55,6 +55,7 @@ from meshproxy.filters.base import (
     Options,
     Respond,
     header_name,
+    positive_number,
     whole_number,
 )
 from meshproxy.overload import (
@@ -153,7 +154,7 @@ class OverloadFilter(Filter):
                 "cpu.max",
                 "required: the process CPU share that means overload (0.9: 90% of one core)",
             )
-        max_qps = o.get("max_qps", _qps, None)
+        max_qps = o.get("max_qps", positive_number("calls per second"), None)
         retry_after = o.get("retry_after", _retry_after, 1)
         o.done()
         return cls(
@@ -343,17 +344,6 @@ def _cpu_share(raw: Any) -> float:
         raise ValueError(
             f"expected a CPU share above 0 (0.9: 90% of one core; 2: two cores), got {raw!r}"
         )
-    return float(raw)
-
-
-def _qps(raw: Any) -> float:
-    if (
-        isinstance(raw, bool)
-        or not isinstance(raw, int | float)
-        or not raw > 0
-        or not math.isfinite(raw)
-    ):
-        raise ValueError(f"expected calls per second greater than 0, got {raw!r}")
     return float(raw)
 
 

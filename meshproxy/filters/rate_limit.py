@@ -60,6 +60,7 @@ from meshproxy.filters.base import (
     flag,
     header_name,
     one_of,
+    positive_number,
     text,
     whole_number,
 )
@@ -206,17 +207,6 @@ class LeakyBuckets(_Schedule):
 # -- the filter ----------------------------------------------------------------------------------
 
 
-def _rate(raw: Any) -> float:
-    if (
-        isinstance(raw, bool)
-        or not isinstance(raw, int | float)
-        or not raw > 0
-        or not math.isfinite(raw)
-    ):
-        raise ValueError(f"expected a number of calls greater than 0, got {raw!r}")
-    return float(raw)
-
-
 KeyOf = Callable[[Call], Hashable | None]
 
 
@@ -288,7 +278,7 @@ class RateLimitFilter(Filter):
             raise FilterOptionError(
                 "rate", "required: calls per period (per second unless period is given)"
             )
-        rate = o.get("rate", _rate, 1.0)
+        rate = o.get("rate", positive_number("a number of calls"), 1.0)
         period = o.get("period", parse_positive_duration, 1.0)
         per_second = rate / period
         # One second's worth by default (at least 1): `rate: 100` alone allows 100 at once.
