@@ -20,6 +20,8 @@ class ProxyError(Exception):
     http_status = 500
     grpc_status = status.INTERNAL
     reason = "internal"  # bounded metric label value
+    flag: str | None = None  # the access log's response_flags entry (call.RESPONSE_FLAGS), if any
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # extra reply headers (HTTP/2, gRPC)
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.reason)
@@ -46,19 +48,20 @@ class UpstreamOverflow(ProxyError):
     """Every connection to the cluster is full and the wait queue is too."""
 
     http_status, grpc_status, reason = 503, status.UNAVAILABLE, "upstream_overflow"
+    flag = "overflow"
 
 
 class BreakerOpen(ProxyError):
     """An error breaker is open: answered without touching the upstream (or with its fallback)."""
 
     http_status, grpc_status, reason = 503, status.UNAVAILABLE, "breaker_open"
+    flag = "breaker_open"
 
     def __init__(self, message: str = "", fallback: Fallback | None = None) -> None:
         super().__init__(message if fallback is None else fallback.message)
-        self.headers: list[tuple[bytes, bytes]] = []
         if fallback is not None:
             self.http_status, self.grpc_status = fallback.status, fallback.grpc_status
-            self.headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fallback.headers]
+            self.headers = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in fallback.headers)
 
 
 class UpstreamReset(ProxyError):

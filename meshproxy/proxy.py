@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,9 @@ from meshproxy.codec import grpc
 from meshproxy.config import Listener as ListenerConfig
 from meshproxy.drivers.h2 import ServerLink, Stream, StreamReset
 from meshproxy.errors import (
-    BreakerOpen,
     NoRoute,
     PerTryTimeout,
     ProxyError,
-    UpstreamOverflow,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -264,7 +263,7 @@ class HttpProxy:
         while True:
             now = trio.current_time()
             if retrying is not None:
-                # A streamed body's per-try timeout starts once it is all sent (_pump_taped).
+                # A streamed body's per-try timeout starts once it is all sent (_pump_request).
                 retrying.start(now if replay is not None else math.inf)
             admission = guard.admit(call.path, now, retrying is not None and retrying.take_reservation()) \
                 if guard.active else None
@@ -387,10 +386,7 @@ class HttpProxy:
         """A request body still arriving: a task forwards it while the response is relayed."""
         failure: Exception | _Retry | None = None
         async with trio.open_nursery() as nursery:
-            if retrying is not None and retrying.tape is not None:
-                nursery.start_soon(_pump_taped, call, body, ustream, retrying)
-            else:
-                nursery.start_soon(_pump_request, call, body, ustream)
+            nursery.start_soon(_pump_request, call, body, ustream, retrying)
             try:
                 head = await _wait_head(ustream, retrying)
                 if retrying is not None and (again := _retry_reply(retrying, head, ustream)) is not None:
@@ -424,7 +420,7 @@ class HttpProxy:
         self, call: Call, link: ServerLink, stream: Stream, ustream: Stream, head: Headers, state: ListenerState,
         out: _Outcome,
     ) -> None:
-        status = int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
+        status = _head_status(head)
         response = Response(status, [(k, v) for k, v in head if k[0] != 58], ustream)
         chain = out.chain or state.chain
         await chain.on_response(call, response, len(chain.filters))
@@ -450,14 +446,10 @@ class HttpProxy:
         if out.response_started:
             link.reset(stream, ErrorCodes.INTERNAL_ERROR)
             return
-        extra: Headers | None = None
-        if isinstance(e, BreakerOpen):
-            call.flag("breaker_open")
-            extra = e.headers
-        elif isinstance(e, UpstreamOverflow):
-            call.flag("overflow")
+        if e.flag is not None:
+            call.flag(e.flag)
         self.state.metrics.child(self.state.metrics.local_replies, call.listener, e.reason).inc()
-        await self._reply(call, link, stream, out, e.http_status, e.grpc_status, e.message, extra)
+        await self._reply(call, link, stream, out, e.http_status, e.grpc_status, e.message, e.headers)
 
     async def _upstream_reset(self, call: Call, link: ServerLink, stream: Stream, out: _Outcome, e: StreamReset) -> None:
         if stream.reset_code is not None:
@@ -505,7 +497,7 @@ class HttpProxy:
         status: int,
         grpc_status: int,
         message: str,
-        extra: Headers | None = None,
+        extra: Sequence[tuple[bytes, bytes]] | None = None,
         chain: Chain | None = None,
         ran: int = 0,
     ) -> None:
@@ -612,20 +604,32 @@ async def _pump(call: Call, source: Stream, target: Stream, observers: list[Chun
     return sent
 
 
-async def _pump_request(call: Call, body: Body, ustream: Stream) -> None:
+async def _pump_request(call: Call, body: Body, ustream: Stream, retrying: Retrying | None = None) -> None:
+    """Forward the request body. For a call that may be retried, what earlier
+    attempts sent goes again from the tape first, the rest is kept on it (and
+    observed once), and the attempt's per-try timeout starts at the end."""
+    tape = retrying.tape if retrying is not None else None
+    link = ustream.link
     try:
-        if isinstance(body, Stream):
+        if tape is None and isinstance(body, Stream):
             await _pump(call, body, ustream, call.request_observers)
             return
-        # A body a filter put in place: forward it as it comes.
+        # A body a filter put in place, or one kept for retries: forward it as it comes.
+        if tape is not None:
+            for chunk in tape.chunks:
+                await link.send_data(ustream, chunk, False)
         while chunk := await body.read():
             for observe in call.request_observers:
                 observe(call, chunk)
-            await ustream.link.send_data(ustream, chunk, False)
+            if tape is not None:
+                tape.add(chunk)  # before it is sent: a cancelled send must not lose it
+            await link.send_data(ustream, chunk, False)
         if body.trailers is not None:
-            ustream.link.send_headers(ustream, body.trailers, True)
+            link.send_headers(ustream, body.trailers, True)
         else:
-            ustream.link.end_stream(ustream)
+            link.end_stream(ustream)
+        if retrying is not None:
+            retrying.start(trio.current_time())
     except StreamReset:
         # Either side reset: the response side sees it and answers for the call.
         pass
@@ -642,7 +646,7 @@ class _Retry:
 
 def _retry_reply(retrying: Retrying, head: Headers, ustream: Stream) -> _Retry | None:
     """The upstream's response head: a _Retry if it is retried rather than forwarded."""
-    status = int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
+    status = _head_status(head)
     # A gRPC failure comes trailers-only (its status in the head, the stream ended).
     grpc_status = _grpc_status(head) if retrying.call.is_grpc and ustream.ended else ""
     condition = retry.http_condition(retrying.policy, status, grpc_status or None)
@@ -675,30 +679,6 @@ def _failure_kind(failure: Exception) -> str | None:
     return None
 
 
-async def _pump_taped(call: Call, body: Body, ustream: Stream, retrying: Retrying) -> None:
-    """_pump_request for a call that may be retried: what earlier attempts sent
-    goes again from the tape, then the rest comes from the client (observed once)."""
-    link = ustream.link
-    tape = retrying.tape
-    assert tape is not None
-    try:
-        for chunk in tape.chunks:
-            await link.send_data(ustream, chunk, False)
-        while chunk := await body.read():
-            for observe in call.request_observers:
-                observe(call, chunk)
-            # On the tape before it is sent: a cancelled send must not lose it.
-            tape.add(chunk)
-            await link.send_data(ustream, chunk, False)
-        if body.trailers is not None:
-            link.send_headers(ustream, body.trailers, True)
-        else:
-            link.end_stream(ustream)
-        retrying.start(trio.current_time())
-    except StreamReset:
-        pass
-
-
 def complete(call: Call, done: Completion) -> None:
     """Run a finished call's completion hooks; a failing hook is logged, never raised."""
     for hook in call.completion_hooks:
@@ -706,6 +686,11 @@ def complete(call: Call, done: Completion) -> None:
             hook(call, done)
         except Exception:
             log.exception("a completion hook failed on call %s", call.request_id)
+
+
+def _head_status(head: Headers) -> int:
+    """A response head's :status (the codec puts it first)."""
+    return int(head[0][1]) if head[0][0] == b":status" else int(dict(head)[b":status"])
 
 
 def _grpc_status(headers: Headers) -> str:

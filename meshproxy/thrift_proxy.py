@@ -24,11 +24,9 @@ from meshproxy.codec import theader, thrift, ttheader
 from meshproxy.codec.errors import ThriftError
 from meshproxy.drivers.thrift import ServerConnection, Slot, flush_writes
 from meshproxy.errors import (
-    BreakerOpen,
     NoRoute,
     PerTryTimeout,
     ProxyError,
-    UpstreamOverflow,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -443,10 +441,8 @@ class ThriftProxy:
         self._reply_exception(p, slot, kind, r.message or r.reason, r.status, r.reason)
 
     def _local_reply(self, p: _Pending, slot: Slot | None, e: ProxyError) -> None:
-        if isinstance(e, BreakerOpen):
-            p.call.flag("breaker_open")
-        elif isinstance(e, UpstreamOverflow):
-            p.call.flag("overflow")
+        if e.flag is not None:
+            p.call.flag(e.flag)
         kind = thrift.UNKNOWN_METHOD if isinstance(e, NoRoute) else thrift.INTERNAL_ERROR
         self._reply_exception(p, slot, kind, f"{e.reason}: {e.message}", e.http_status, e.reason)
 

@@ -54,6 +54,7 @@ from meshproxy.filters.base import (
     FilterOptionError,
     Options,
     Respond,
+    client_gone,
     header_name,
     positive_number,
     whole_number,
@@ -281,12 +282,7 @@ class OverloadFilter(Filter):
                 reason="deadline_passed",
             )
         if reason == overload.CLIENT_GONE:
-            # Nobody reads this answer (499: nginx's "client closed request", as rate_limit):
-            # it is for the access log and the Thrift seqid's bookkeeping.
-            call.flag("client_gone")
-            return Respond(
-                499, "client gone before dispatch", status.CANCELLED, reason="client_gone"
-            )
+            return client_gone(call, "client gone before dispatch")
         call.flag("shed")
         return Respond(
             503,

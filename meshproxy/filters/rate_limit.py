@@ -57,6 +57,7 @@ from meshproxy.filters.base import (
     FilterOptionError,
     Options,
     Respond,
+    client_gone,
     flag,
     header_name,
     one_of,
@@ -337,15 +338,8 @@ class RateLimitFilter(Filter):
             self._queues.cancel(key, at)
             raise
         if call.client_gone():
-            # Nobody reads the reply; answering keeps the call from going upstream.
             # Not a refusal: the limit let it through, its client left while it waited.
-            call.flag("client_gone")
-            return Respond(
-                status=499,
-                message="client gone",
-                grpc_status=status.CANCELLED,
-                reason="client_gone",
-            )
+            return client_gone(call, "client gone")
         return CONTINUE
 
     def _refuse(self, call: Call, reason: str, retry_after: float) -> Continue | Respond:

@@ -29,7 +29,52 @@ class ConnectFailed(Exception):
     pass
 
 
-class EndpointPool(EndpointState):
+class CappedPool(EndpointState):
+    """What the HTTP/2 and Thrift pools share: waiting for room on an endpoint,
+    within its own bound and the cluster's caps (max_connections, max_pending)."""
+
+    def __init__(self, cluster: str, name: str, metrics: Metrics) -> None:
+        super().__init__(cluster, name)
+        self.pending = 0
+        self.caps: Breakers | None = None  # the cluster's caps, shared by its endpoints
+        self._capacity = trio.Event()
+        self._metrics = metrics
+
+    def _capacity_changed(self) -> None:
+        if self.pending:  # called per finished call: only pay for an Event when someone waits
+            self._capacity.set()
+            self._capacity = trio.Event()
+
+    def _no_connection(self) -> UpstreamOverflow:
+        """This endpoint has no connection and the cluster's max_connections allows no new one."""
+        self._overflow("max_connections")
+        connections = self.caps.connections if self.caps is not None else 0
+        return UpstreamOverflow(f"cluster '{self.cluster}' has {connections} connections (max_connections)")
+
+    async def _wait_for_room(self, max_pending: int) -> None:
+        """Wait for a connection to have room (a call ends, one opens), if this
+        endpoint's and the cluster's queues of waiting calls are not full."""
+        caps = self.caps
+        if self.pending >= max_pending:
+            raise UpstreamOverflow(f"{self.name}: every connection is full and {self.pending} calls wait")
+        if caps is not None and not caps.may_wait():
+            self._overflow("max_pending")
+            raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.pending} calls waiting (max_pending)")
+        self.pending += 1
+        if caps is not None:
+            caps.pending += 1
+        try:
+            await self._capacity.wait()
+        finally:
+            self.pending -= 1
+            if caps is not None:
+                caps.pending -= 1
+
+    def _overflow(self, reason: str) -> None:
+        self._metrics.child(self._metrics.breaker_rejected, self.cluster, reason).inc()
+
+
+class EndpointPool(CappedPool):
     def __init__(
         self,
         cluster: str,
@@ -40,18 +85,14 @@ class EndpointPool(EndpointState):
         metrics: Metrics,
         client_tls: tls.ClientTls | None = None,
     ) -> None:
-        super().__init__(cluster, str(address))
+        super().__init__(cluster, str(address), metrics)
         self.tls = client_tls  # replaced on reload: new connections use the re-read certificates
         self.address = address
         self.options = options
         self.connect_timeout = connect_timeout
         self.links: list[ClientLink] = []
-        self.pending = 0
-        self.caps: Breakers | None = None  # the cluster's caps, shared by its endpoints
         self._connecting = 0
-        self._capacity = trio.Event()
         self._nursery = nursery
-        self._metrics = metrics
 
     def __repr__(self) -> str:
         return (
@@ -71,10 +112,6 @@ class EndpointPool(EndpointState):
             ],
         }
 
-    def _capacity_changed(self) -> None:
-        self._capacity.set()
-        self._capacity = trio.Event()
-
     async def acquire(self) -> ClientLink:
         """A connection with a free stream slot: an open one, a new one, or after a wait."""
         while True:
@@ -85,31 +122,12 @@ class EndpointPool(EndpointState):
                     break
             if best is not None:
                 return best
-            caps = self.caps
             if len(self.links) + self._connecting < self.options.max_connections_per_endpoint:
-                if caps is None or caps.may_connect():
+                if self.caps is None or self.caps.may_connect():
                     return await self._connect()
                 if not self.links and not self._connecting:
-                    self._overflow("max_connections")
-                    raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.connections} connections "
-                                           "(max_connections)")
-            if self.pending >= self.options.max_pending:
-                raise UpstreamOverflow(f"{self.name}: every connection is full and {self.pending} calls wait")
-            if caps is not None and not caps.may_wait():
-                self._overflow("max_pending")
-                raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.pending} calls waiting (max_pending)")
-            self.pending += 1
-            if caps is not None:
-                caps.pending += 1
-            try:
-                await self._capacity.wait()
-            finally:
-                self.pending -= 1
-                if caps is not None:
-                    caps.pending -= 1
-
-    def _overflow(self, reason: str) -> None:
-        self._metrics.child(self._metrics.breaker_rejected, self.cluster, reason).inc()
+                    raise self._no_connection()
+            await self._wait_for_room(self.options.max_pending)
 
     async def _connect(self) -> ClientLink:
         self._connecting += 1

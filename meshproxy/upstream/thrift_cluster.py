@@ -22,33 +22,27 @@ from meshproxy import tls
 from meshproxy.codec import thrift
 from meshproxy.config import Cluster as ClusterConfig
 from meshproxy.drivers.thrift import UpstreamConnection, flush_writes
-from meshproxy.errors import UpstreamOverflow, UpstreamUnavailable
+from meshproxy.errors import UpstreamUnavailable
 from meshproxy.metrics import Metrics
 from meshproxy.upstream import health, lb
-from meshproxy.upstream.breaker import Breakers
-from meshproxy.upstream.endpoint import EndpointState
 from meshproxy.upstream.guard import Guard
-from meshproxy.upstream.pool import ConnectFailed, client_tls, dial, failure_reason
+from meshproxy.upstream.pool import CappedPool, ConnectFailed, client_tls, dial, failure_reason
 from meshproxy.values import Address
 
 log = logging.getLogger(__name__)
 
 
-class ThriftEndpointPool(EndpointState):
+class ThriftEndpointPool(CappedPool):
     def __init__(self, cluster: ClusterConfig, address: Address, nursery: trio.Nursery, metrics: Metrics,
                  client_tls: tls.ClientTls | None = None) -> None:
-        super().__init__(cluster.name, str(address))
+        super().__init__(cluster.name, str(address), metrics)
         self.tls = client_tls  # replaced on reload: new connections use the re-read certificates
         self.options = cluster.thrift
         self.connect_timeout = cluster.connect_timeout
         self.address = address
         self.links: list[tuple[str, UpstreamConnection]] = []  # (transport, connection)
-        self.pending = 0
-        self.caps: Breakers | None = None  # the cluster's caps, shared by its endpoints
         self._connecting: dict[str, int] = {}
-        self._capacity = trio.Event()
         self._nursery = nursery
-        self._metrics = metrics
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -58,11 +52,6 @@ class ThriftEndpointPool(EndpointState):
                 for t, c in self.links
             ],
         }
-
-    def _capacity_changed(self) -> None:
-        if self.pending:  # called per finished call: only pay for an Event when someone waits
-            self._capacity.set()
-            self._capacity = trio.Event()
 
     def pick(self, transport: str) -> UpstreamConnection | None:
         """An open connection with room: for `mux` the first (filling one connection
@@ -99,26 +88,8 @@ class ThriftEndpointPool(EndpointState):
                         return best
                     raise
             if caps is not None and not mine:
-                self._overflow("max_connections")
-                raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.connections} connections "
-                                       "(max_connections)")
-            if self.pending >= o.max_pending:
-                raise UpstreamOverflow(f"{self.name}: every connection is full and {self.pending} calls wait")
-            if caps is not None and not caps.may_wait():
-                self._overflow("max_pending")
-                raise UpstreamOverflow(f"cluster '{self.cluster}' has {caps.pending} calls waiting (max_pending)")
-            self.pending += 1
-            if caps is not None:
-                caps.pending += 1
-            try:
-                await self._capacity.wait()
-            finally:
-                self.pending -= 1
-                if caps is not None:
-                    caps.pending -= 1
-
-    def _overflow(self, reason: str) -> None:
-        self._metrics.child(self._metrics.breaker_rejected, self.cluster, reason).inc()
+                raise self._no_connection()
+            await self._wait_for_room(o.max_pending)
 
     async def _connect(self, transport: str) -> UpstreamConnection:
         self._connecting[transport] = self._connecting.get(transport, 0) + 1
