@@ -43,7 +43,16 @@ BATCH = 512
 RECONNECT_BACKOFF_MAX = 30.0
 # Head fields that hold header lists: bytes pairs on the wire, text pairs once decoded.
 HEADER_FIELDS = ("request_headers", "response_headers", "response_trailers")
-# Fields a writer may leave out when they hold their default; decode puts them back.
+# The mirror filter's head: a MessagePack array in this order, cheaper to build
+# and pack than a map (this runs once per mirrored call). A head without the
+# last four fields captured no response. `decode_meta` turns it into the map
+# that tools read, adding `id` (run-seq), `duration_ms` and `traceparent`.
+FIELDS = ("run", "seq", "start", "end", "listener", "direction", "protocol", "service", "method", "path", "scheme",
+          "route", "cluster", "upstream", "status", "grpc_status", "reason", "request_id", "request_headers",
+          "request_bytes", "request_truncated", "response_headers", "response_trailers", "response_bytes",
+          "response_truncated")
+_REQUEST_BYTES, _RESPONSE_BYTES = FIELDS.index("request_bytes"), FIELDS.index("response_bytes")
+# A map head (any record not built by the filter) may leave these out when they hold their default.
 DEFAULTS: dict[str, Any] = {
     "route": None, "cluster": None, "upstream": None, "grpc_status": None, "reason": None, "traceparent": None,
     "request_truncated": False,
@@ -53,14 +62,14 @@ RESPONSE_DEFAULTS: dict[str, Any] = {"response_trailers": None, "response_trunca
 
 @dataclass(slots=True)
 class Record:
-    """One mirrored call. `meta` is the head: a flat map of scalars and header lists.
+    """One mirrored call. `meta` is the head: the filter's FIELDS array, or a map of scalars and header lists.
 
     A filter may hand in header lists as (bytes, bytes) pairs and bodies as the
     chunks it saw; `encode` writes them as they are (no decoding or joining on
-    the call path) and `decode` gives back [str, str] pairs (latin-1) and bytes.
+    the call path) and `decode` gives back a map with [str, str] pairs (latin-1) and bytes.
     """
 
-    meta: dict[str, Any]
+    meta: dict[str, Any] | list[Any]
     request: bytes | list[bytes] = b""
     response: bytes | list[bytes] = b""
 
@@ -69,29 +78,49 @@ def _parts(data: bytes | list[bytes]) -> list[bytes]:
     return [data] if isinstance(data, bytes | bytearray) else data
 
 
+def _sized(record: Record) -> tuple[list[bytes], list[bytes], int]:
+    """The record's request and response chunks, and their total size, with each side's count in the head.
+
+    The mirror filter counts as it captures and puts the counts in its head;
+    they are summed here only for a map head built without them.
+    """
+    req, resp = _parts(record.request), _parts(record.response)
+    meta = record.meta
+    if isinstance(meta, list):
+        return req, resp, meta[_REQUEST_BYTES] + (meta[_RESPONSE_BYTES] if len(meta) > _RESPONSE_BYTES else 0)
+    if "response_bytes" not in meta:
+        meta["request_bytes"] = sum(map(len, req))
+        meta["response_bytes"] = sum(map(len, resp))
+    return req, resp, meta["request_bytes"] + meta["response_bytes"]
+
+
 def encode(record: Record) -> bytes:
     """The record as the spool (and NATS) carries it: checked head, then the payload.
 
     The head is MessagePack, not JSON: it packs bytes as they are and costs a
-    fifth of json.dumps, which matters because this runs once per mirrored call.
+    fifth of json.dumps. One join and one checksum over it: cheaper than a
+    checksum per part.
     """
-    req, resp = _parts(record.request), _parts(record.response)
-    meta = record.meta
-    meta["request_bytes"] = sum(map(len, req))
-    meta["response_bytes"] = sum(map(len, resp))
-    head = msgpack.packb(meta)
-    parts = [_META.pack(len(head)), head, *req, *resp]
-    crc = 0
-    for part in parts:  # no joined copy just to checksum it
-        crc = zlib.crc32(part, crc)
-    size = sum(map(len, parts))
-    return b"".join([_HEAD.pack(MAGIC, size, crc), *parts])
+    req, resp, _ = _sized(record)
+    head = msgpack.packb(record.meta)
+    payload = b"".join([_META.pack(len(head)), head, *req, *resp])
+    return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def head_field(meta: dict[str, Any] | list[Any], name: str) -> Any:
+    """One head field, from either form of head (None if absent)."""
+    if isinstance(meta, dict):
+        return meta.get(name)
+    i = FIELDS.index(name)
+    return meta[i] if i < len(meta) else None
 
 
 def decode_meta(head: bytes) -> dict[str, Any]:
     meta = msgpack.unpackb(head)
-    if not isinstance(meta, dict):
-        raise ValueError("record head is not a map")
+    if isinstance(meta, list):
+        meta = _from_fields(meta)
+    elif not isinstance(meta, dict):
+        raise ValueError("record head is neither a map nor a field array")
     for name in HEADER_FIELDS:
         pairs = meta.get(name)
         if pairs:
@@ -99,6 +128,17 @@ def decode_meta(head: bytes) -> dict[str, Any]:
     for defaults in (DEFAULTS, RESPONSE_DEFAULTS) if "response_headers" in meta else (DEFAULTS,):
         for k, v in defaults.items():
             meta.setdefault(k, v)
+    return meta
+
+
+def _from_fields(values: list[Any]) -> dict[str, Any]:
+    if len(values) not in (_RESPONSE_BYTES - 2, len(FIELDS)):
+        raise ValueError(f"record head has {len(values)} fields")
+    given = dict(zip(FIELDS, values, strict=False))  # a head without a response is shorter
+    meta = {"id": f"{given.pop('run')}-{given.pop('seq'):08x}", **given}
+    meta["duration_ms"] = round((meta["end"] - meta["start"]) * 1000, 3)
+    meta["traceparent"] = next((_text(v) for k, v in meta["request_headers"] if k == b"traceparent"), None)
+    meta.setdefault("response_bytes", 0)
     return meta
 
 
@@ -262,11 +302,11 @@ class RedisSink:
 
 
 def redis_fields(r: Record) -> dict[str, str | bytes | int]:
+    req, resp, _ = _sized(r)
     m = r.meta
-    req, resp = b"".join(_parts(r.request)), b"".join(_parts(r.response))
-    m["request_bytes"], m["response_bytes"] = len(req), len(resp)
-    return {"meta": msgpack.packb(m), "request": req, "response": resp, "protocol": m.get("protocol") or "",
-            "listener": m.get("listener") or "", "path": m.get("path") or "", "status": m.get("status") or 0}
+    return {"meta": msgpack.packb(m), "request": b"".join(req), "response": b"".join(resp),
+            "protocol": head_field(m, "protocol") or "", "listener": head_field(m, "listener") or "",
+            "path": head_field(m, "path") or "", "status": head_field(m, "status") or 0}
 
 
 class NatsSink:
@@ -359,8 +399,7 @@ class Mirror:
         """From the call path: O(1), never blocks, never raises."""
         counts = self._counts
         counts.sampled += 1
-        size = sum(map(len, _parts(record.request))) + sum(map(len, _parts(record.response)))
-        if size > self.config.max_record_bytes:
+        if _sized(record)[2] > self.config.max_record_bytes:
             counts.dropped["too_large"] += 1
             return False
         if self._closed or len(self._queue) >= self.config.queue_size:

@@ -83,6 +83,36 @@ def test_rotation_and_retention(tmp_path: Path) -> None:
     assert list(mirror.read_spool(tmp_path))  # what is kept still reads
 
 
+def test_a_head_without_a_response_reads_back_without_response_fields(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from meshproxy.call import Call, Completion, EmptyBody, Peer, Protocol
+    from meshproxy.filters.mirror import MirrorFilter
+
+    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path))), Metrics.create(CollectorRegistry()))
+    mirror.install(m)
+    try:
+        f = MirrorFilter.from_options({"capture_response": False, "max_body_bytes": 4})
+        call = Call(1, Protocol.GRPC, Peer("127.0.0.1:1"), "l", "ingress", "svc", "POST", "/Svc/M",
+                    [(b"cookie", b"c")], EmptyBody(), 0.0, request_id="rid")
+        with pytest.raises(StopIteration):
+            f.on_request(call).send(None)
+        for observe in call.request_observers:
+            observe(call, b"abcdef")
+        for hook in call.completion_hooks:
+            hook(call, Completion(200, "0", "", 0.25, "127.0.0.1:2", None, [(b":status", b"200")]))
+        (blob,) = m._queue
+    finally:
+        mirror.install(None)
+    (record,) = mirror.records_in(blob)
+    meta = record.meta
+    assert record.request == b"abcd" and record.response == b""
+    assert (meta["request_bytes"], meta["request_truncated"], meta["response_bytes"]) == (4, True, 0)
+    assert "response_headers" not in meta and "response_truncated" not in meta
+    assert meta["request_headers"] == [["cookie", "<redacted>"]] and meta["duration_ms"] == 250.0
+    assert (meta["protocol"], meta["path"], meta["grpc_status"], meta["upstream"]) == ("grpc", "/Svc/M", "0", "127.0.0.1:2")
+
+
 async def test_queue_full_drops_and_counts(tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry
 
@@ -148,7 +178,8 @@ async def test_http2_calls_are_mirrored(nursery: trio.Nursery, tmp_path: Path) -
     app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "http2", backend.port)))
     c = await H2Client.connect(listen_port(app))
     for i in range(20):
-        status, _, _, _ = await c.get(f"/size/{1500 if i == 0 else 10}", extra=[(b"authorization", b"Bearer s3cret")])
+        trace = [(b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")] if i == 1 else []
+        status, _, _, _ = await c.get(f"/size/{1500 if i == 0 else 10}", extra=[(b"authorization", b"Bearer s3cret"), *trace])
         assert status == 200
     await c.aclose()
     await written(app, 20)
@@ -160,6 +191,13 @@ async def test_http2_calls_are_mirrored(nursery: trio.Nursery, tmp_path: Path) -
     assert first["response_truncated"] is True and len(records[0].response) == 1000
     assert len(records[1].response) == 10 and records[1].meta["response_truncated"] is False
     assert first["end"] >= first["start"] and first["duration_ms"] >= 0 and first["cluster"] == "backend"
+    # Derived from the head when read: one id prefix per process, counting up; traceparent from the headers.
+    ids = [r.meta["id"].split("-") for r in records]
+    seqs = [int(n, 16) for _, n in ids]
+    assert len({run for run, _ in ids}) == 1 and seqs == list(range(seqs[0], seqs[0] + 20))
+    assert first["traceparent"] is None
+    assert records[1].meta["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert first["request_bytes"] == 0 and first["response_bytes"] == 1000 and first["route"] == "test.0"
 
 
 async def test_grpc_calls_are_mirrored_with_trailers(

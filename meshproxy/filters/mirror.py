@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from meshproxy import mirror
-from meshproxy.call import Call, Completion, Headers, header_value
+from meshproxy.call import Call, Completion, Headers
 from meshproxy.filters.base import (
     CONTINUE,
     Continue,
@@ -85,55 +85,23 @@ class _Capture:
         f = self.filter
         end = time.time()
         route = call.route
-        traceparent = header_value(call.headers, b"traceparent")
-        # Fields at their default (None, False) are left out: the head packs
-        # faster and smaller, and mirror.decode_meta puts them back.
-        meta: dict[str, Any] = {
-            "id": _next_id(),
-            "start": end - done.duration,
-            "end": end,
-            "listener": call.listener,
-            "direction": call.direction,
-            "protocol": call.protocol.value,
-            "service": call.authority,
-            "method": call.method,
-            "path": call.path,
-            "scheme": call.scheme,
-            "cluster": call.cluster,
-            "status": done.status,
-            "duration_ms": round(done.duration * 1000, 3),
-            "request_id": call.request_id,
-            "request_headers": f.redacted(call.headers),
-        }
-        if route is not None:
-            meta["route"] = route.name
-        if done.upstream:
-            meta["upstream"] = done.upstream
-        if done.grpc_status:
-            meta["grpc_status"] = done.grpc_status
-        if done.reason:
-            meta["reason"] = done.reason
-        if traceparent is not None:
-            meta["traceparent"] = traceparent.decode("latin-1")
-        if self.request_cut:
-            meta["request_truncated"] = True
+        redacted = f.redacted
+        # mirror.FIELDS, in order; decode_meta derives the id, duration and traceparent.
+        head = [
+            _RUN, next(_seq), end - done.duration, end, call.listener, call.direction, call.protocol.value,
+            call.authority, call.method, call.path, call.scheme, route.name if route is not None else None,
+            call.cluster, done.upstream or None, done.status, done.grpc_status or None, done.reason or None,
+            call.request_id, redacted(call.headers), f.max_body_bytes - self.request_room, self.request_cut,
+        ]
         if f.capture_response:
-            meta["response_headers"] = f.redacted(done.headers) if done.headers else []
-            if done.trailers:
-                meta["response_trailers"] = f.redacted(done.trailers)
-            if self.response_cut:
-                meta["response_truncated"] = True
-        sink.submit(mirror.Record(meta, self.request, self.response))
+            head += (redacted(done.headers) if done.headers else [], redacted(done.trailers) if done.trailers else None,
+                     f.max_body_bytes - self.response_room, self.response_cut)
+        sink.submit(mirror.Record(head, self.request, self.response))
 
 
-# Record ids: unique per process start (random prefix) and ordered within it;
-# cheaper than random bytes per call.
-_ID_PREFIX = os.urandom(6).hex()
-_ids = itertools.count(1)
-
-
-def _next_id() -> str:
-    return f"{_ID_PREFIX}-{next(_ids):08x}"
+# Record ids are run-seq: a random prefix per process start, and a count within it.
+_RUN = os.urandom(6).hex()
+_seq = itertools.count(1)
 
 
 class MirrorFilter(Filter):
@@ -185,7 +153,6 @@ class MirrorFilter(Filter):
         if self.capture_response:
             call.response_observers.append(capture.on_response_chunk)
         call.completion_hooks.append(capture.on_complete)
-        call.filter_state["mirror"] = capture
         return CONTINUE
 
     def _matches(self, call: Call) -> bool:
