@@ -8,6 +8,7 @@ name -> filter type).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -550,6 +551,9 @@ def _mirror(r: _Reader, raw: object) -> MirrorConfig:
             url = r.value(s, "url", _string, default_url)
             if kind != "file" and not url.startswith(f"{kind}://"):
                 r.problem(f"expected a {kind}:// URL, got {url!r}", "url")
+            client = {"redis": "redis", "nats": "nats"}.get(kind)
+            if client is not None and importlib.util.find_spec(client) is None:
+                r.problem(f"needs the Python package {client!r}: pip install 'meshproxy[{kind}]'", "type")
             for key, used_by in (("url", ("redis", "nats")), ("max_length", ("redis",)), ("subject", ("nats",)),
                                  ("directory", ("file",)), ("stream", ("redis", "nats"))):
                 if key in s and kind not in used_by:

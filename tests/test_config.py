@@ -483,3 +483,15 @@ def test_route_filter_errors_name_their_key_path(tmp_path: Path) -> None:
     text = GOOD.replace("        cluster: backend\n", "        cluster: backend\n        filters:\n          - {name: mirror, sample: 2}\n", 1)
     name, lines = problems(tmp_path, text)
     assert lines == [f"{name}: listeners[0].routes[0].filters[0].sample: expected a share from 0 to 1, got 2"]
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+def test_a_queue_sink_without_its_client_package_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == kind else real(name, *a))
+    f, lines = problems(tmp_path, GOOD + f"mirror: {{sink: {{type: {kind}}}}}\n")
+    assert lines == [f"{f}: mirror.sink.type: needs the Python package {kind!r}: pip install 'meshproxy[{kind}]'"]
