@@ -52,7 +52,8 @@ FIELDS = ("run", "seq", "start", "end", "listener", "direction", "protocol", "se
           "route", "cluster", "upstream", "status", "grpc_status", "reason", "request_id", "request_headers",
           "request_bytes", "request_truncated", "response_headers", "response_trailers", "response_bytes",
           "response_truncated")
-_REQUEST_BYTES, _RESPONSE_BYTES = FIELDS.index("request_bytes"), FIELDS.index("response_bytes")
+_INDEX = {name: i for i, name in enumerate(FIELDS)}
+_REQUEST_BYTES, _RESPONSE_BYTES = _INDEX["request_bytes"], _INDEX["response_bytes"]
 # A map head (any record not built by the filter) may leave these out when they hold their default.
 DEFAULTS: dict[str, Any] = {
     "route": None, "cluster": None, "upstream": None, "grpc_status": None, "reason": None, "traceparent": None,
@@ -129,7 +130,7 @@ def head_field(meta: dict[str, Any] | list[Any], name: str) -> Any:
     """One head field, from either form of head (None if absent)."""
     if isinstance(meta, dict):
         return meta.get(name)
-    i = FIELDS.index(name)
+    i = _INDEX[name]
     return meta[i] if i < len(meta) else None
 
 
