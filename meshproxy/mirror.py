@@ -87,9 +87,8 @@ _packers = threading.local()
 
 
 def _pack(head: Any) -> bytes:
-    """msgpack.packb without its cost per call: packb builds a Packer (and its
-    256 KiB buffer) each time, which showed as a third of encode's time.
-    A Packer is not thread-safe, hence one per thread."""
+    """msgpack.packb without building a Packer on every call (0.7 of packb's
+    4.6 µs for a record head here). A Packer is not thread-safe: one per thread."""
     try:
         packer = _packers.packer
     except AttributeError:
