@@ -200,6 +200,49 @@ async def test_http2_calls_are_mirrored(nursery: trio.Nursery, tmp_path: Path) -
     assert first["request_bytes"] == 0 and first["response_bytes"] == 1000 and first["route"] == "test.0"
 
 
+async def test_a_lone_call_is_answered_before_its_record_is_made(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client of a connection with no other stream open does not wait for mirroring: when the
+    record is submitted, the whole response is already in the client's socket buffer."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    backend = await start_backend(nursery)
+    app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "http2", backend.port)))
+    sock = socket.create_connection((HOST, listen_port(app)))
+    sock.setblocking(False)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/size/10")],
+                      end_stream=True)
+    sock.sendall(conn.data_to_send())
+    seen: list[bool] = []
+    submitted = trio.Event()
+    real_submit = mirror.Mirror.submit
+
+    def submit(self: mirror.Mirror, record: mirror.Record) -> bool:
+        # Runs inside the proxy's completion hook, on the event loop: nothing else runs meanwhile.
+        ended = False
+        try:
+            while data := sock.recv(65536):
+                ended = ended or any(isinstance(e, h2.events.StreamEnded) for e in conn.receive_data(data))
+        except BlockingIOError:
+            pass
+        seen.append(ended)
+        submitted.set()
+        return real_submit(self, record)
+
+    monkeypatch.setattr(mirror.Mirror, "submit", submit)
+    with trio.fail_after(5):
+        await submitted.wait()
+    sock.close()
+    assert seen == [True]
+
+
 async def test_grpc_calls_are_mirrored_with_trailers(
     nursery: trio.Nursery, tmp_path: Path, grpc_server: tuple[int, object]
 ) -> None:
