@@ -243,6 +243,41 @@ async def test_a_lone_call_is_answered_before_its_record_is_made(
     assert seen == [True]
 
 
+async def test_a_lone_thrift_call_is_answered_before_its_record_is_made(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from tests.peers.gen.echo import Echo
+    from tests.peers.thrift_peer import encode_call
+
+    with ThriftServer("framed", "binary") as backend:
+        app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "thrift", backend.port)))
+        sock = socket.create_connection((HOST, listen_port(app)))
+        sock.setblocking(False)
+        call = encode_call("echo", Echo.echo_args(data=b"lone"), 1)
+        sock.sendall(struct.pack("!I", len(call)) + call)
+        got: list[bytes] = []
+        submitted = trio.Event()
+        real_submit = mirror.Mirror.submit
+
+        def submit(self: mirror.Mirror, record: mirror.Record) -> bool:
+            try:
+                while data := sock.recv(65536):
+                    got.append(data)
+            except BlockingIOError:
+                pass
+            submitted.set()
+            return real_submit(self, record)
+
+        monkeypatch.setattr(mirror.Mirror, "submit", submit)
+        with trio.fail_after(5):
+            await submitted.wait()
+        sock.close()
+    reply = b"".join(got)
+    assert len(reply) > 4 and struct.unpack("!I", reply[:4])[0] == len(reply) - 4 and reply.endswith(b"lone\x00")
+
+
 async def test_grpc_calls_are_mirrored_with_trailers(
     nursery: trio.Nursery, tmp_path: Path, grpc_server: tuple[int, object]
 ) -> None:
