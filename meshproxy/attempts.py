@@ -17,8 +17,9 @@ import trio
 from meshproxy import retry
 from meshproxy.call import Call
 from meshproxy.config import RetryPolicy, Route
+from meshproxy.errors import BreakerOpen, UpstreamOverflow
 from meshproxy.metrics import Metrics
-from meshproxy.upstream.guard import Guard
+from meshproxy.upstream.guard import Admission, Guard
 
 
 class Tape:
@@ -97,10 +98,16 @@ class Retrying:
         if self.scope is not None:
             self.scope.deadline = self.try_deadline
 
-    def take_reservation(self) -> bool:
-        """For the guard's admit: whether this attempt holds a retry slot (it now owns it)."""
-        reserved, self.reserved = self.reserved, False
-        return reserved
+    def admit(self, guard: Guard, path: str, now: float) -> Admission:
+        """The guard's admission of this attempt. A retry it refuses (breaker open,
+        overflow) was never sent: its retry slot and its budget go back."""
+        retry_slot, self.reserved = self.reserved, False  # the admission owns the slot from here
+        try:
+            return guard.admit(path, now, retry_slot)
+        except (BreakerOpen, UpstreamOverflow):
+            if retry_slot:
+                self.budget.refund(now)
+            raise
 
     def finish(self) -> None:
         """The call is over: a retry slot that was never used goes back."""

@@ -265,8 +265,8 @@ class HttpProxy:
             if retrying is not None:
                 # A streamed body's per-try timeout starts once it is all sent (_pump_request).
                 retrying.start(now if replay is not None else math.inf)
-            admission = guard.admit(call.path, now, retrying is not None and retrying.take_reservation()) \
-                if guard.active else None
+            admission = None if not guard.active else \
+                guard.admit(call.path, now) if retrying is None else retrying.admit(guard, call.path, now)
             end_on_headers = replay == b"" and stream.trailers is None
             headers = up_headers
             deadline = call.deadline if retrying is None else min(call.deadline, retrying.try_deadline)

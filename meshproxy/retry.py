@@ -110,3 +110,13 @@ class Budget:
         bucket[2] += 1
         self._retries += 1
         return True
+
+    def refund(self, now: float) -> None:
+        """Give back a retry taken but never sent (the guard refused it); the
+        newest second that counted one gives it back, if still in the window."""
+        self._advance(now)
+        for bucket in reversed(self._buckets):
+            if bucket[2]:
+                bucket[2] -= 1
+                self._retries -= 1
+                return

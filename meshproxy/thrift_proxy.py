@@ -207,8 +207,9 @@ class ThriftProxy:
         guard = cluster.guard
         retrying = p.retrying
         while True:
-            admission = guard.admit(call.path, trio.current_time(), retrying is not None and retrying.take_reservation()) \
-                if guard.active else None
+            now = trio.current_time()
+            admission = None if not guard.active else \
+                guard.admit(call.path, now) if retrying is None else retrying.admit(guard, call.path, now)
             ready = cluster.ready(p.transport, call.endpoint_unit) if p.last is None else None
             if ready is not None:
                 pool, link = ready

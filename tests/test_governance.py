@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+import trio
+
 from meshproxy import retry
 from meshproxy.config import Breaker, Outlier, RetryBudget, RetryPolicy
 from meshproxy.upstream import lb
@@ -252,9 +255,47 @@ async def test_max_retries_is_taken_when_a_retry_is_decided_and_always_given_bac
     assert [r.decide("5xx") is not None for r in calls] == [True, True, False, False, False]
     assert guard.breakers.retries == 2
     # One retry is admitted and ends; the other call ends without using its slot.
-    a = guard.admit("/", 0.0, calls[0].take_reservation())
+    a = calls[0].admit(guard, "/", 0.0)
     guard.done(a, None, 0.0, 200, "")
     calls[1].finish()
     assert guard.breakers.retries == 0 and guard.breakers.requests == 0
     # The slots are free for the next failures.
     assert calls[2].decide("5xx") is not None and guard.breakers.retries == 1
+
+
+async def test_a_retry_the_guard_refuses_gives_back_its_slot_and_its_budget() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from meshproxy.attempts import Retrying
+    from meshproxy.call import Call, EmptyBody, Peer, Protocol
+    from meshproxy.config import Cluster
+    from meshproxy.errors import UpstreamOverflow
+    from meshproxy.metrics import Metrics
+    from meshproxy.upstream.guard import Guard
+    from meshproxy.values import parse_address
+
+    metrics = Metrics.create(CollectorRegistry())
+    guard = Guard(Cluster("c", "http2", (parse_address("127.0.0.1:1"),), breaker=Breaker(max_requests=1)), [],
+                  metrics)
+    assert guard.breakers is not None
+    budget = retry.Budget(RetryBudget(ratio=0.0, min_per_second=1, window=1))  # one retry a second
+    call = Call(1, Protocol.HTTP2, Peer("127.0.0.1:2"), "l", "egress", "svc", "GET", "/", [], EmptyBody(), 0.0)
+    r = Retrying(call, "c", guard, RetryPolicy(attempts=3), budget, metrics, random.Random(1))
+    now = trio.current_time()  # what decide() reads
+    first = r.admit(guard, "/", now)
+    assert r.decide("5xx") is not None  # the budget's one retry is taken...
+    with pytest.raises(UpstreamOverflow):  # ...but another call holds the cluster's only request
+        r.admit(guard, "/", now)
+    assert guard.breakers.retries == 0
+    guard.done(first, None, now, 503, "")
+    # The refused retry was never sent: the budget still has it for the next failure.
+    assert budget.try_retry(now) and not budget.try_retry(now)
+
+
+def test_budget_refund_gives_back_the_newest_counted_retry() -> None:
+    b = retry.Budget(RetryBudget(ratio=0.0, min_per_second=1, window=2))
+    assert b.try_retry(0.0) and b.try_retry(1.0) and not b.try_retry(1.0)
+    b.refund(1.5)
+    assert b.try_retry(1.5) and not b.try_retry(1.5)
+    b.refund(5.0)  # both seconds have left the window: nothing to give back, nothing goes negative
+    assert b.try_retry(5.0) and b.try_retry(5.0) and not b.try_retry(5.0)
