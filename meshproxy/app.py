@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+from collections.abc import Sequence
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -20,7 +21,7 @@ from meshproxy.admin import AdminSource, serve_admin
 from meshproxy.codec.h2 import quiet_libraries
 from meshproxy.config import Config, ConfigError
 from meshproxy.filters import build_chain
-from meshproxy.filters.base import Chain, FilterContext
+from meshproxy.filters.base import Chain, Filter, FilterContext
 from meshproxy.listener import ListenerRuntime
 from meshproxy.metrics import Metrics
 from meshproxy.mirror import Mirror
@@ -34,6 +35,24 @@ log = logging.getLogger(__name__)
 # allocates per frame, so that is thousands of collections a second for
 # objects that die young anyway. Long-lived start-up objects are frozen.
 GC_GEN0_THRESHOLD = 20_000
+
+
+def _adopt(before: Sequence[Filter], after: Sequence[Filter]) -> None:
+    """Let each filter of a reloaded chain take over the state of one it replaces:
+    the first of the old chain's filters of its type that it accepts, each old one once."""
+    left = list(before)
+    for f in after:
+        for old in left:
+            if old.name == f.name and f.adopt(old):
+                left.remove(old)
+                break
+
+
+def _route_filters(state: ListenerState) -> dict[str, list[Filter]]:
+    """A state's route-level filters (its route chains less the listener's), by route name."""
+    shared = len(state.chain.filters)
+    chains = state.route_chains or {}
+    return {r.name: chains[id(r)].filters[shared:] for r in state.config.routes if id(r) in chains}
 
 
 class App:
@@ -55,15 +74,20 @@ class App:
 
     # -- building
 
-    def _state(self, listener: config_mod.Listener, clusters: dict[str, Cluster]) -> ListenerState:
+    def _state(
+        self, listener: config_mod.Listener, clusters: dict[str, Cluster], previous: ListenerState | None = None
+    ) -> ListenerState:
         context = FilterContext(
             listener.name, listener.direction, self.config.node.service, self.config.node.unit, self.metrics, clusters
         )
         chain = build_chain(listener.filters, context)
-        route_chains = {
-            id(r): Chain([*chain.filters, *build_chain(r.filters, context).filters])
-            for r in listener.routes if r.filters
-        }
+        routes = [(r, build_chain(r.filters, context).filters) for r in listener.routes if r.filters]
+        if previous is not None:
+            _adopt(previous.chain.filters, chain.filters)
+            before = _route_filters(previous)
+            for r, filters in routes:
+                _adopt(before.get(r.name, []), filters)
+        route_chains = {id(r): Chain([*chain.filters, *filters]) for r, filters in routes}
         return ListenerState(
             config=listener,
             router=Router(listener.routes),
@@ -180,7 +204,7 @@ class App:
                 del self.listeners[name]
                 self._nursery.start_soon(runtime.drain, new.drain_timeout)
             else:
-                runtime.swap(kept, self._state(kept, clusters))
+                runtime.swap(kept, self._state(kept, clusters, runtime.proxy.state))
         for lc in new.listeners:
             if lc.name not in self.listeners:
                 await self._start_listener(lc, clusters)

@@ -271,3 +271,46 @@ async def test_thrift_over_the_limit_is_an_application_exception(
     assert all(line["status"] == 429 and line["rate_limit"] == "over_limit" for line in limited)
     assert all(line["protocol"] == "thrift" and line["path"] == "/Echo/echo" for line in limited)
     assert sum(line["response_flags"] is None for line in lines) == 4
+
+
+async def test_a_reload_keeps_the_buckets_unless_the_limit_changed(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await harness.start_backend(nursery)
+
+    def config(burst: int, other: str = "") -> Path:
+        filters = other + limit(burst=burst, key={"header": "x-caller"})
+        return harness.write_config(tmp_path, harness.proxy_yaml(f"{harness.HOST}:{backend.port}", filters=filters))
+
+    app = await harness.start_proxy(nursery, config(2))
+    h2 = await H2Client.connect(harness.listen_port(app))
+
+    async def status() -> int:
+        return (await h2.get("/hello", extra=[(b"x-caller", b"a")]))[0]
+
+    assert [await status(), await status(), await status()] == [200, 200, 429]
+    # The same limit, now behind another filter of its kind: a SIGHUP does not refill the bucket.
+    config(2, other=limit(burst=100, limit="other"))
+    assert await app.reload()
+    assert await status() == 429
+    # Another burst is another limit: its buckets start full.
+    config(3, other=limit(burst=100, limit="other"))
+    assert await app.reload()
+    assert [await status(), await status(), await status(), await status()] == [200, 200, 200, 429]
+    await h2.aclose()
+
+
+async def test_a_reload_keeps_a_route_limits_buckets(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await harness.start_backend(nursery)
+    route_limit = json.dumps({"name": "rate_limit", "rate": 1, "period": HOUR, "burst": 1})
+
+    def config(timeout: str) -> Path:
+        text = harness.proxy_yaml(f"{harness.HOST}:{backend.port}", route_timeout=timeout)
+        text = text.replace("      - name: main\n", f"      - name: main\n        filters: [{route_limit}]\n", 1)
+        return harness.write_config(tmp_path, text)
+
+    app = await harness.start_proxy(nursery, config("15s"))
+    h2 = await H2Client.connect(harness.listen_port(app))
+    assert [(await h2.get("/hello"))[0] for _ in range(2)] == [200, 429]
+    config("20s")  # the route changes, its limit does not
+    assert await app.reload()
+    assert (await h2.get("/hello"))[0] == 429
+    await h2.aclose()

@@ -97,6 +97,12 @@ class Filter:
         """Called once after ``from_options`` when the app builds a listener's chain."""
         return None
 
+    def adopt(self, previous: Filter) -> bool:
+        """On a config reload: take over the run-time state of `previous`, a filter
+        of the same type in the chain this one's replaces, if it is the same
+        filter in substance (rate limits' buckets); True if it was."""
+        return False
+
     async def on_request(self, call: Call) -> Continue | Respond:
         return CONTINUE
 

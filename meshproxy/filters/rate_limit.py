@@ -307,6 +307,18 @@ class RateLimitFilter(Filter):
             dry_run,
         )
 
+    def adopt(self, previous: Filter) -> bool:
+        # A reload must not refill the buckets (a SIGHUP would let a burst through).
+        # With other limits the old counts mean nothing: the new buckets start full.
+        if not isinstance(previous, RateLimitFilter) or self._limits() != previous._limits():
+            return False
+        self._tokens, self._queues = previous._tokens, previous._queues
+        return True
+
+    def _limits(self) -> tuple[object, ...]:
+        return (self.limit_name, self.algorithm, self.rate, self.burst, self.key_name, self.allow_missing,
+                self.max_keys)
+
     def bind(self, context: FilterContext) -> None:
         m = context.metrics
         if m is not None:
