@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -200,81 +201,66 @@ async def test_http2_calls_are_mirrored(nursery: trio.Nursery, tmp_path: Path) -
     assert first["request_bytes"] == 0 and first["response_bytes"] == 1000 and first["route"] == "test.0"
 
 
-async def test_a_lone_call_is_answered_before_its_record_is_made(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The client of a connection with no other stream open does not wait for mirroring: when the
-    record is submitted, the whole response is already in the client's socket buffer."""
-    import socket
+async def received_by_submit(monkeypatch: pytest.MonkeyPatch, sock: socket.socket) -> bytes:
+    """What `sock` (non-blocking) had received when the proxy submitted the next mirror record.
 
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    backend = await start_backend(nursery)
-    app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "http2", backend.port)))
-    sock = socket.create_connection((HOST, listen_port(app)))
-    sock.setblocking(False)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/size/10")],
-                      end_stream=True)
-    sock.sendall(conn.data_to_send())
-    seen: list[bool] = []
+    submit() runs inside the call's completion hook on the proxy's event loop, so
+    nothing is sent meanwhile: the bytes are what the call sent before its hooks ran.
+    """
+    got: list[bytes] = []
     submitted = trio.Event()
     real_submit = mirror.Mirror.submit
 
     def submit(self: mirror.Mirror, record: mirror.Record) -> bool:
-        # Runs inside the proxy's completion hook, on the event loop: nothing else runs meanwhile.
-        ended = False
         try:
             while data := sock.recv(65536):
-                ended = ended or any(isinstance(e, h2.events.StreamEnded) for e in conn.receive_data(data))
+                got.append(data)
         except BlockingIOError:
             pass
-        seen.append(ended)
         submitted.set()
         return real_submit(self, record)
 
     monkeypatch.setattr(mirror.Mirror, "submit", submit)
     with trio.fail_after(5):
         await submitted.wait()
-    sock.close()
-    assert seen == [True]
+    return b"".join(got)
+
+
+async def test_a_lone_call_is_answered_before_its_record_is_made(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client of a connection with no other stream open does not wait for mirroring: when the
+    record is submitted, the whole response is already in the client's socket buffer."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    backend = await start_backend(nursery)
+    app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "http2", backend.port)))
+    with socket.create_connection((HOST, listen_port(app))) as sock:
+        sock.setblocking(False)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/size/10")],
+                          end_stream=True)
+        sock.sendall(conn.data_to_send())
+        received = await received_by_submit(monkeypatch, sock)
+    assert any(isinstance(e, h2.events.StreamEnded) for e in conn.receive_data(received))
 
 
 async def test_a_lone_thrift_call_is_answered_before_its_record_is_made(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import socket
-
     from tests.peers.gen.echo import Echo
     from tests.peers.thrift_peer import encode_call
 
     with ThriftServer("framed", "binary") as backend:
         app = await start_proxy(nursery, write_config(tmp_path, config(tmp_path, "thrift", backend.port)))
-        sock = socket.create_connection((HOST, listen_port(app)))
-        sock.setblocking(False)
-        call = encode_call("echo", Echo.echo_args(data=b"lone"), 1)
-        sock.sendall(struct.pack("!I", len(call)) + call)
-        got: list[bytes] = []
-        submitted = trio.Event()
-        real_submit = mirror.Mirror.submit
-
-        def submit(self: mirror.Mirror, record: mirror.Record) -> bool:
-            try:
-                while data := sock.recv(65536):
-                    got.append(data)
-            except BlockingIOError:
-                pass
-            submitted.set()
-            return real_submit(self, record)
-
-        monkeypatch.setattr(mirror.Mirror, "submit", submit)
-        with trio.fail_after(5):
-            await submitted.wait()
-        sock.close()
-    reply = b"".join(got)
+        with socket.create_connection((HOST, listen_port(app))) as sock:
+            sock.setblocking(False)
+            call = encode_call("echo", Echo.echo_args(data=b"lone"), 1)
+            sock.sendall(struct.pack("!I", len(call)) + call)
+            reply = await received_by_submit(monkeypatch, sock)
     assert len(reply) > 4 and struct.unpack("!I", reply[:4])[0] == len(reply) - 4 and reply.endswith(b"lone\x00")
 
 
