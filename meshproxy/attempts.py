@@ -98,7 +98,7 @@ class Retrying:
         if self.scope is not None:
             self.scope.deadline = self.try_deadline
 
-    def admit(self, guard: Guard, path: str, now: float) -> Admission:
+    def admit(self, guard: Guard, path: str, now: float) -> Admission | None:
         """The guard's admission of this attempt. A retry it refuses (breaker open,
         overflow) was never sent: its retry slot and its budget go back."""
         retry_slot, self.reserved = self.reserved, False  # the admission owns the slot from here

@@ -98,9 +98,9 @@ class Filter:
         return None
 
     def adopt(self, previous: Filter) -> bool:
-        """On a config reload: take over the run-time state of `previous`, a filter
-        of the same type in the chain this one's replaces, if it is the same
-        filter in substance (rate limits' buckets); True if it was."""
+        """On a config reload, `previous` is a filter of the same type from the chain
+        being replaced. If it is the same filter in substance, take over its
+        run-time state (rate limits' buckets) and return True."""
         return False
 
     async def on_request(self, call: Call) -> Continue | Respond:
