@@ -204,3 +204,38 @@ async def test_thrift_shed_call_gets_an_application_exception(tmp_path: Path) ->
             assert shed(app, 9, "queue_full") == 1 and shed(app, 0) == 0
             assert f.admission.in_flight == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_long_stream_gives_its_slot_back_once_answered(tmp_path: Path) -> None:
+    """With one slot, a server stream that is still sending must not keep a unary call waiting."""
+    from tests.test_grpc_e2e import SERVER_STREAM, EchoService
+
+    service = EchoService()
+    handler = grpc.method_handlers_generic_handler("echo.Echo", {
+        "Unary": grpc.unary_unary_rpc_method_handler(service.unary),
+        "ServerStream": grpc.unary_stream_rpc_method_handler(service.server_stream),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    backend = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    filters = "- {name: overload, limit: {initial: 1, min: 1, max: 1}, queue: {max_wait: 300ms}}\n"
+    text = harness.proxy_yaml(f"127.0.0.1:{backend}", filters=filters)
+    try:
+        async with trio.open_nursery() as nursery:
+            app = await harness.start_proxy(nursery, harness.write_config(tmp_path, text))
+            port = harness.listen_port(app)
+
+            def calls() -> tuple[bytes, bytes, list[bytes]]:
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    stream = ch.unary_stream(SERVER_STREAM)(b"20/0.1", timeout=10)  # 20 messages over 2 s
+                    first = next(stream)
+                    unary = ch.unary_unary(UNARY)(b"meanwhile", timeout=5)  # within max_wait, or shed
+                    return first, unary, list(stream)
+
+            first, unary, rest = await trio.to_thread.run_sync(calls)
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop(0)
+    assert (first, unary, len(rest)) == (b"0", b"meanwhile", 19)
+    assert shed(app, 5) == 0

@@ -22,8 +22,9 @@ passed (on arrival, and again when a slot frees up for it). Otherwise it is
 shed by a trigger (CPU, QPS), dispatched if the limit allows, or queued:
 most important first; when the queue is full a more important call evicts
 the least important queued one. A queued call waits at most `max_wait` and
-never past its deadline. A dispatched call holds its slot until its last
-byte (completion hooks), so a long stream holds one for its whole life.
+never past its deadline. A dispatched call holds its slot until the
+upstream's response head (or its end, if none comes), so a long stream holds
+one only until it starts answering.
 
 Replies: shed -> 503 + `retry-after` / gRPC UNAVAILABLE / Thrift
 TApplicationException; deadline passed -> 504 / DEADLINE_EXCEEDED; the
@@ -45,7 +46,7 @@ from typing import Any
 import trio
 
 from meshproxy import overload, status
-from meshproxy.call import Call, Completion, header_value
+from meshproxy.call import Call, Completion, Response, header_value
 from meshproxy.filters.base import (
     CONTINUE,
     Continue,
@@ -252,14 +253,23 @@ class OverloadFilter(Filter):
             self._in_flight_gauge.set(self.admission.in_flight)
         return CONTINUE
 
+    async def on_response(self, call: Call, response: Response) -> None:
+        # The upstream has answered: its slot is free now, not when the body ends.
+        # A long stream (a gRPC watch, a big download) would otherwise hold a slot
+        # for its whole life and feed its length to the limit as queueing delay.
+        self._release(call, bool(call.upstream_address))
+
     def _completed(self, call: Call, done: Completion) -> None:
+        self._release(call, bool(done.upstream))
+
+    def _release(self, call: Call, upstream: bool) -> None:
         ticket = call.filter_state.pop(STATE_KEY, None)
         if not isinstance(ticket, Ticket):
             return
         now = trio.current_time()
         # Only calls the upstream answered (or failed to) measure its latency; a
         # later filter's local reply says nothing about the upstream.
-        self.admission.release(ticket, now, sample=bool(done.upstream))
+        self.admission.release(ticket, now, sample=upstream)
         if self._limit_gauge is not None:
             self._limit_gauge.set(self.admission.limit.slots)
             self._in_flight_gauge.set(self.admission.in_flight)
