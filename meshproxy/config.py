@@ -551,9 +551,8 @@ def _mirror(r: _Reader, raw: object) -> MirrorConfig:
             url = r.value(s, "url", _string, default_url)
             if kind != "file" and not url.startswith(f"{kind}://"):
                 r.problem(f"expected a {kind}:// URL, got {url!r}", "url")
-            client = {"redis": "redis", "nats": "nats"}.get(kind)
-            if client is not None and importlib.util.find_spec(client) is None:
-                r.problem(f"needs the Python package {client!r}: pip install 'meshproxy[{kind}]'", "type")
+            if kind != "file" and importlib.util.find_spec(kind) is None:  # the client package is named as the type
+                r.problem(f"needs the Python package {kind!r}: pip install 'meshproxy[{kind}]'", "type")
             for key, used_by in (("url", ("redis", "nats")), ("max_length", ("redis",)), ("subject", ("nats",)),
                                  ("directory", ("file",)), ("stream", ("redis", "nats"))):
                 if key in s and kind not in used_by:

@@ -54,6 +54,7 @@ FIELDS = ("run", "seq", "start", "end", "listener", "direction", "protocol", "se
           "response_truncated")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 _REQUEST_BYTES, _RESPONSE_BYTES = _INDEX["request_bytes"], _INDEX["response_bytes"]
+_REQUEST_ONLY = _INDEX["response_headers"]  # the length of a head that captured no response
 # A map head (any record not built by the filter) may leave these out when they hold their default.
 DEFAULTS: dict[str, Any] = {
     "route": None, "cluster": None, "upstream": None, "grpc_status": None, "reason": None, "traceparent": None,
@@ -125,7 +126,7 @@ def encode(record: Record) -> bytes:
     return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def head_field(meta: dict[str, Any] | list[Any], name: str) -> Any:
+def _head_field(meta: dict[str, Any] | list[Any], name: str) -> Any:
     """One head field, from either form of head (None if absent)."""
     if isinstance(meta, dict):
         return meta.get(name)
@@ -150,7 +151,7 @@ def decode_meta(head: bytes) -> dict[str, Any]:
 
 
 def _from_fields(values: list[Any]) -> dict[str, Any]:
-    if len(values) not in (_RESPONSE_BYTES - 2, len(FIELDS)):
+    if len(values) not in (_REQUEST_ONLY, len(FIELDS)):
         raise ValueError(f"record head has {len(values)} fields")
     given = dict(zip(FIELDS, values, strict=False))  # a head without a response is shorter
     meta = {"id": f"{given.pop('run')}-{given.pop('seq'):08x}", **given}
@@ -323,8 +324,8 @@ def redis_fields(r: Record) -> dict[str, str | bytes | int]:
     req, resp, _ = _sized(r)
     m = r.meta
     return {"meta": _pack(m), "request": b"".join(req), "response": b"".join(resp),
-            "protocol": head_field(m, "protocol") or "", "listener": head_field(m, "listener") or "",
-            "path": head_field(m, "path") or "", "status": head_field(m, "status") or 0}
+            "protocol": _head_field(m, "protocol") or "", "listener": _head_field(m, "listener") or "",
+            "path": _head_field(m, "path") or "", "status": _head_field(m, "status") or 0}
 
 
 class NatsSink:
