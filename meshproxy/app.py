@@ -124,7 +124,7 @@ class App:
                 self._nursery = root
                 root.start_soon(self.access_log.run)
                 mirror.install(self.mirror)
-                root.start_soon(self.mirror.run)
+                self.mirror.start()
                 self.admin_address = await root.start(serve_admin, self.config.admin.address, self._admin_source())
                 async with trio.open_nursery() as upstream:
                     self._clusters = ClusterManager(upstream, self.metrics)
@@ -149,6 +149,7 @@ class App:
                     upstream.cancel_scope.cancel()
                 root.cancel_scope.cancel()
         finally:
+            self.mirror.abandon()  # after close(), a no-op
             self.access_log.close()
             if mirror.current() is self.mirror:
                 mirror.install(None)

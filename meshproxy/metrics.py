@@ -29,32 +29,40 @@ class MirrorCounts(Collector):
     """The mirror's record accounting, as plain integers read at scrape time.
 
     Mirroring counts three or four events per call; prometheus_client's
-    locked counters would cost a microsecond each on the call path. The
-    counts are only changed and scraped on the event loop's thread, so every
+    locked counters would cost a microsecond each on the call path. Each
+    count has one writer: the event loop counts what is handed in, queued,
+    dropped before the queue and `discarded` (queued, then dropped at
+    shutdown); the mirror's writer thread counts `written` and the
+    `sink_down` drops. In flight is derived from one read of each, so every
     scrape sees sampled = written + dropped + in flight exactly.
     """
 
     DROP_REASONS = ("queue_full", "too_large", "sink_down", "shutdown")
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.sampled = self.enqueued = self.written = self.in_flight = 0
+        self.sampled = self.enqueued = self.written = self.discarded = 0
         self.dropped = dict.fromkeys(self.DROP_REASONS, 0)
         registry.register(self)
 
+    def _snapshot(self) -> tuple[int, int, int, dict[str, int], int]:
+        sampled, enqueued, written, dropped = self.sampled, self.enqueued, self.written, dict(self.dropped)
+        return sampled, enqueued, written, dropped, enqueued - written - dropped["sink_down"] - self.discarded
+
     def collect(self) -> Any:
+        sampled, enqueued, written, dropped_by_reason, in_flight = self._snapshot()
         records = CounterMetricFamily(
             "meshproxy_mirror_records", "Mirrored records: sampled = written + dropped + in flight", labels=("result",)
         )
-        for result, n in (("sampled", self.sampled), ("enqueued", self.enqueued), ("written", self.written)):
+        for result, n in (("sampled", sampled), ("enqueued", enqueued), ("written", written)):
             records.add_metric((result,), n)
         dropped = CounterMetricFamily("meshproxy_mirror_dropped", "Mirrored records dropped, by reason",
                                       labels=("reason",))
-        for reason, n in self.dropped.items():
+        for reason, n in dropped_by_reason.items():
             dropped.add_metric((reason,), n)
         yield records
         yield dropped
         yield GaugeMetricFamily("meshproxy_mirror_in_flight", "Mirrored records queued or being written",
-                                value=self.in_flight)
+                                value=in_flight)
 
 
 @dataclass(frozen=True, slots=True)

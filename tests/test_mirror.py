@@ -133,6 +133,80 @@ async def test_queue_full_drops_and_counts(tmp_path: Path) -> None:
     assert len(list(mirror.read_spool(tmp_path))) == 3
 
 
+class FlakySink:
+    """A sink whose writes fail with `errors` (one each), then block while `hold` is clear."""
+
+    def __init__(self, *errors: Exception) -> None:
+        import threading
+
+        self.errors = list(errors)
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+        self.written: list[bytes] = []
+
+    def write(self, blobs: list[bytes]) -> None:
+        self.entered.set()
+        if self.errors:
+            raise self.errors.pop(0)
+        self.hold.wait(10)
+        self.written += blobs
+
+    def close(self) -> None:
+        pass
+
+
+def counted(metrics: Metrics) -> dict[str, float]:
+    value = metrics.registry.get_sample_value
+    got = {r: value("meshproxy_mirror_records_total", {"result": r}) for r in ("sampled", "written")}
+    got |= {r: value("meshproxy_mirror_dropped_total", {"reason": r}) for r in ("sink_down", "shutdown")}
+    got["in_flight"] = value("meshproxy_mirror_in_flight", {})
+    assert got["sampled"] == got["written"] + got["sink_down"] + got["shutdown"] + got["in_flight"]
+    return got
+
+
+async def test_a_sink_error_of_any_kind_drops_its_batch_and_the_writer_goes_on(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    metrics = Metrics.create(CollectorRegistry())
+    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), flush_interval=0.01), metrics)
+    m.sink = sink = FlakySink(ValueError("not an OSError"))
+    assert m.submit(mirror.Record({"i": 1}))
+    m.start()
+    await eventually(lambda: counted(metrics)["sink_down"] == 1, timeout=5)
+    assert m.submit(mirror.Record({"i": 2}))
+    await eventually(lambda: counted(metrics)["written"] == 1, timeout=5)  # after the 0.1 s backoff
+    assert [next(mirror.records_in(b)).meta["i"] for b in sink.written] == [2]
+    await m.close(1)
+    assert counted(metrics) == {"sampled": 2, "written": 1, "sink_down": 1, "shutdown": 0, "in_flight": 0}
+
+
+async def test_close_leaves_a_stuck_sink_behind_and_drops_what_is_still_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry
+
+    monkeypatch.setattr(mirror, "SINK_WRITE_TIMEOUT", 0.2)
+    metrics = Metrics.create(CollectorRegistry())
+    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), flush_interval=0.01), metrics)
+    m.sink = sink = FlakySink()
+    sink.hold.clear()
+    for i in range(3):
+        assert m.submit(mirror.Record({"i": i}))
+    m.start()
+    await trio.to_thread.run_sync(sink.entered.wait, 5)
+    for i in range(2):
+        assert m.submit(mirror.Record({"i": i}))
+    started = trio.current_time()
+    await m.close(0.1)
+    assert trio.current_time() - started < 5
+    # The stuck batch is neither written nor dropped yet: in flight; the two queued behind it are dropped.
+    assert counted(metrics) == {"sampled": 5, "written": 0, "sink_down": 0, "shutdown": 2, "in_flight": 3}
+    assert not m.submit(mirror.Record({"late": True}))
+    sink.hold.set()
+    await eventually(lambda: counted(metrics)["written"] == 3, timeout=5)
+    assert counted(metrics) == {"sampled": 6, "written": 3, "sink_down": 0, "shutdown": 3, "in_flight": 0}
+
+
 # -- end to end --------------------------------------------------------------------------
 
 
