@@ -73,11 +73,22 @@ class Cluster:
                 self.guard.connect_failed(pool, trio.current_time())
                 continue
             stream = link.start_stream(headers, end)
-            pool.active_requests += 1
-            self._streams_active.inc()
+            self.stream_started(pool)
             return pool, link, stream
         detail = "; ".join(errors) or ("no endpoints" if unit is None else f"no endpoint of unit '{unit}'")
         raise UpstreamUnavailable(f"cluster '{self.name}' has no reachable endpoint ({detail})")
+
+    def pick(self, tried: set[int]) -> int | None:
+        """The index of the endpoint the load balancer picks, outside `tried`; None if none is left.
+
+        For a client that opens its own connections (the lean risk callout);
+        open_stream does this and more for the proxy's calls.
+        """
+        return self._lb.pick(self.pools, trio.current_time(), tried)
+
+    def stream_started(self, pool: EndpointPool) -> None:
+        pool.active_requests += 1
+        self._streams_active.inc()
 
     def stream_done(self, pool: EndpointPool) -> None:
         pool.active_requests -= 1

@@ -1,0 +1,152 @@
+"""The trio driver of codec/unary_h2: lean HTTP/2 connections for small unary
+exchanges (the risk callout), one exchange per connection at a time, kept idle
+per endpoint for reuse.
+
+Knows: sockets, trio's readiness waits, and which failures mean "the request
+was not processed" (a reused connection the server had closed, a refused
+stream), so one fresh attempt is safe. Must not: pick endpoints or decide
+what a failure means to a call.
+
+The calling task does its own socket I/O: the request goes out with one
+send() and the task waits for the reply on its own socket, so an exchange
+costs one wake-up, with no reader task, no stream table and no batched
+writer in between. Plaintext only: a TLS cluster uses the proxy's h2 path.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import socket
+
+import trio
+
+from meshproxy.codec.unary_h2 import ExchangeFailed, Response, StreamRefused, UnaryClient
+from meshproxy.drivers.transport import connect
+from meshproxy.values import Address
+
+__all__ = ["Closed", "ExchangeFailed", "Response", "StreamRefused", "UnaryConnections"]
+
+RECV_SIZE = 64 * 1024
+# Idle connections kept per endpoint; more concurrent exchanges than this open
+# connections that are closed after use.
+MAX_IDLE = 16
+# An idle connection older than this is closed rather than reused: servers
+# close idle HTTP/2 connections (nginx after 3 min, grpc-go after its max idle).
+IDLE_TIMEOUT = 30.0
+
+
+class Closed(ExchangeFailed):
+    """The connection closed or reset under the exchange."""
+
+
+class _Stale(Closed):
+    """A reused connection closed before any of the reply came: the request was not processed."""
+
+
+class UnaryConnection:
+    __slots__ = ("codec", "idle_since", "sock")
+
+    def __init__(self, sock: socket.socket, max_reply: int) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.codec = UnaryClient(max_reply)
+        self.idle_since = 0.0
+
+    async def exchange(self, headers: list[tuple[bytes, bytes]], body: bytes, reused: bool) -> Response:
+        codec = self.codec
+        codec.request(headers, body)
+        await self._send(codec.data_to_send())
+        got_any = False
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError as e:
+                raise (_Stale if reused and not got_any else Closed)(0, _error("recv", e)) from None
+            if not data:
+                raise (_Stale if reused and not got_any else Closed)(0, "connection closed by the server")
+            got_any = True
+            response = codec.receive(data)
+            out = codec.data_to_send()
+            if out:
+                await self._send(out)
+            if response is not None:
+                return response
+
+    async def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+            except OSError as e:
+                raise Closed(0, _error("send", e)) from None
+
+    def close(self) -> None:
+        try:
+            trio.lowlevel.notify_closing(self.sock)
+        except (ValueError, RuntimeError):
+            pass
+        self.sock.close()
+
+
+def _error(what: str, e: OSError) -> str:
+    return f"{what}: {errno.errorcode.get(e.errno or 0, e)}"
+
+
+class UnaryConnections:
+    """Idle lean connections by endpoint, at most MAX_IDLE each."""
+
+    def __init__(self, connect_timeout: float, max_reply: int) -> None:
+        self.connect_timeout = connect_timeout
+        self.max_reply = max_reply
+        self._idle: dict[Address, collections.deque[UnaryConnection]] = {}
+        self.busy = 0  # exchanges in progress, each on a connection of its own
+
+    async def exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+        """The response from `address`. Raises OSError / trio.TooSlowError (connect) or ExchangeFailed."""
+        self.busy += 1
+        try:
+            return await self._exchange(address, headers, body)
+        finally:
+            self.busy -= 1
+
+    async def _exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+        idle = self._idle.setdefault(address, collections.deque())
+        now = trio.current_time()
+        while idle:
+            conn = idle.pop()  # the most recently used: the likeliest still open
+            if now - conn.idle_since < IDLE_TIMEOUT and conn.codec.usable:
+                try:
+                    return await self._run(conn, idle, headers, body, True)
+                except (_Stale, StreamRefused):
+                    break  # not processed: once more, on a fresh connection
+            conn.close()
+        a = address
+        sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
+        return await self._run(UnaryConnection(sock, self.max_reply), idle, headers, body, False)
+
+    async def _run(self, conn: UnaryConnection, idle: collections.deque[UnaryConnection],
+                   headers: list[tuple[bytes, bytes]], body: bytes, reused: bool) -> Response:
+        try:
+            response = await conn.exchange(headers, body, reused)
+        except BaseException:  # a failure or a cancelled (timed out) exchange: the state is unknown
+            conn.close()
+            raise
+        if conn.codec.usable and len(idle) < MAX_IDLE:
+            conn.idle_since = trio.current_time()
+            idle.append(conn)
+        else:
+            conn.close()
+        return response
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+            idle.clear()

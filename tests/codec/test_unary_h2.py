@@ -1,0 +1,230 @@
+"""codec/unary_h2's UnaryClient against a real h2.H2Connection server: bytes in, events out.
+
+Covers the exchange (HEADERS, DATA, trailers), SETTINGS and PING acks, sending
+a body larger than the server's window as WINDOW_UPDATEs arrive, CONTINUATION,
+HPACK state across exchanges, padding, resets, GOAWAY, and the bounds (reply
+size, frame size). The driver (sockets) is tested with a real server below.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import trio
+from h2.errors import ErrorCodes
+
+from meshproxy.codec import unary_h2
+from meshproxy.codec.unary_h2 import ExchangeFailed, StreamRefused, UnaryClient
+from meshproxy.drivers.unary_h2 import UnaryConnections
+from meshproxy.values import Address
+
+REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"risk"), (b":path", b"/check"),
+           (b"content-type", b"application/json")]
+
+
+def server() -> h2.connection.H2Connection:
+    s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    s.initiate_connection()
+    return s
+
+
+def to_server(s: h2.connection.H2Connection, c: UnaryClient) -> list[Any]:
+    return s.receive_data(c.data_to_send())
+
+
+def start(body: bytes = b"{}") -> tuple[h2.connection.H2Connection, UnaryClient, list[Any]]:
+    c = UnaryClient(max_reply=1000)
+    s = server()
+    c.request(REQUEST, body)
+    events = to_server(s, c)
+    assert c.receive(s.data_to_send()) is None  # the server's SETTINGS, acked
+    events += to_server(s, c)
+    return s, c, events
+
+
+def test_an_exchange_with_trailers() -> None:
+    s, c, events = start(b'{"a": 1}')
+    (req,) = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert req.headers == REQUEST
+    assert b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived)) == b'{"a": 1}'
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+    assert any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events)
+    s.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    s.send_data(1, b"\x00\x00\x00\x00\x01x")
+    s.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+    r = c.receive(s.data_to_send())
+    assert r is not None and r.ended
+    assert r.head == [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    assert bytes(r.data) == b"\x00\x00\x00\x00\x01x" and r.trailers == [(b"grpc-status", b"0")]
+    assert c.usable
+
+
+def test_hpack_state_and_stream_ids_carry_across_exchanges() -> None:
+    s, c, _ = start()
+    for sid in (1, 3, 5):
+        if sid > 1:
+            c.request(REQUEST, b"")
+            (req,) = [e for e in to_server(s, c) if isinstance(e, h2.events.RequestReceived)]
+            assert req.stream_id == sid
+        # h2's encoder indexes these: the second and third replies refer to its dynamic table.
+        s.send_headers(sid, [(b":status", b"200"), (b"x-verdict", b"allow-" + str(sid).encode())], end_stream=True)
+        r = c.receive(s.data_to_send())
+        assert r is not None and r.head == [(b":status", b"200"), (b"x-verdict", b"allow-" + str(sid).encode())]
+
+
+def test_pings_are_acknowledged_and_a_reply_in_pieces_completes_once() -> None:
+    s, c, _ = start()
+    s.ping(b"12345678")
+    s.send_headers(1, [(b":status", b"200")])
+    s.send_data(1, b"x" * 100, end_stream=True)
+    wire = s.data_to_send()
+    for i in range(len(wire) - 1):
+        assert c.receive(wire[i : i + 1]) is None
+    assert c.receive(wire[-1:]) is not None
+    events = to_server(s, c)
+    assert any(isinstance(e, h2.events.PingAckReceived) and e.ping_data == b"12345678" for e in events)
+
+
+def test_a_body_past_the_servers_window_waits_for_window_updates() -> None:
+    body = bytes(range(256)) * 600  # 153,600 bytes: over the 65,535 initial windows
+    s, c, events = start(body)
+    got = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert len(got) == 65_535 and not any(isinstance(e, h2.events.StreamEnded) for e in events)
+    while not any(isinstance(e, h2.events.StreamEnded) for e in events):
+        s.acknowledge_received_data(65_535, 1)
+        assert c.receive(s.data_to_send()) is None
+        events = to_server(s, c)
+        got += b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert got == body
+
+
+def test_big_response_headers_arrive_in_continuation_frames() -> None:
+    s, c, _ = start()
+    big = [(b":status", b"200")] + [(f"x-h{i}".encode(), b"v" * 900) for i in range(40)]  # ~36 KiB
+    s.send_headers(1, big, end_stream=True)
+    wire = s.data_to_send()
+    assert wire[3] == unary_h2.HEADERS and unary_h2.CONTINUATION in {wire[i + 3] for i in _frame_offsets(wire)}
+    r = c.receive(wire)
+    assert r is not None and r.head == big
+
+
+def _frame_offsets(wire: bytes) -> list[int]:
+    at, out = 0, []
+    while at < len(wire):
+        out.append(at)
+        at += 9 + int.from_bytes(wire[at : at + 3], "big")
+    return out
+
+
+def test_padded_headers_and_data() -> None:
+    c = UnaryClient(max_reply=1000)
+    c.request(REQUEST, b"")
+    c.data_to_send()
+    block = b"\x88"  # :status 200, static index 8
+    c.receive(unary_h2.frame(unary_h2.SETTINGS, 0, 0))
+    assert c.receive(unary_h2.frame(unary_h2.HEADERS, unary_h2.END_HEADERS | unary_h2.PADDED, 1,
+                                    b"\x03" + block + b"\0\0\0")) is None
+    r = c.receive(unary_h2.frame(unary_h2.DATA, unary_h2.END_STREAM | unary_h2.PADDED, 1, b"\x02ok\0\0"))
+    assert r is not None and r.head == [(b":status", b"200")] and bytes(r.data) == b"ok"
+
+
+@pytest.mark.parametrize(("code", "error"), [(ErrorCodes.REFUSED_STREAM, StreamRefused),
+                                             (ErrorCodes.INTERNAL_ERROR, ExchangeFailed)])
+def test_a_reset_stream_fails_the_exchange(code: int, error: type[Exception]) -> None:
+    s, c, _ = start()
+    s.reset_stream(1, code)
+    with pytest.raises(error) as e:
+        c.receive(s.data_to_send())
+    assert e.value.code == code  # type: ignore[attr-defined]
+
+
+def test_goaway_refuses_an_unprocessed_request_and_ends_reuse() -> None:
+    s, c, _ = start()
+    s.close_connection(last_stream_id=0)
+    with pytest.raises(StreamRefused):
+        c.receive(s.data_to_send())
+    assert not c.usable
+    s2, c2, _ = start()
+    s2.close_connection(last_stream_id=1)  # processed: the reply still comes
+    assert c2.receive(s2.data_to_send()) is None and not c2.usable
+
+
+def test_bounds_reply_size_frame_size_and_push() -> None:
+    s, c, _ = start()
+    s.send_headers(1, [(b":status", b"200")])
+    s.send_data(1, b"x" * 1001)
+    with pytest.raises(ExchangeFailed, match="longer than 1000"):
+        c.receive(s.data_to_send())
+    c = UnaryClient(max_reply=1000)
+    c.request(REQUEST, b"")
+    with pytest.raises(ExchangeFailed) as e:
+        c.receive(struct.pack("!I", 20_000)[1:] + bytes([0, 0]) + struct.pack("!I", 1))
+    assert e.value.code == unary_h2.FRAME_SIZE_ERROR
+    c = UnaryClient(max_reply=1000)
+    c.request(REQUEST, b"")
+    with pytest.raises(ExchangeFailed, match="PUSH_PROMISE"):
+        c.receive(unary_h2.frame(unary_h2.PUSH_PROMISE, unary_h2.END_HEADERS, 1, b"\0\0\0\x02\x88"))
+    c = UnaryClient(max_reply=1000)
+    c.request(REQUEST, b"")
+    with pytest.raises(ExchangeFailed, match=":status"):
+        c.receive(unary_h2.frame(unary_h2.HEADERS, unary_h2.END_HEADERS | unary_h2.END_STREAM, 1, b"\x82"))
+
+
+def test_a_busy_connection_takes_no_second_request() -> None:
+    c = UnaryClient(max_reply=1000)
+    c.request(REQUEST, b"")
+    with pytest.raises(ExchangeFailed, match="busy"):
+        c.request(REQUEST, b"")
+
+
+# -- the driver, with a real server on a socket
+
+
+async def serve_h2(listener: socket.socket, replies_per_connection: int, seen: list[int]) -> None:
+    """An h2 server: answers `replies_per_connection` requests per connection, then closes it."""
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        sock, _ = listener.accept()
+        conn = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        s = server()
+        answered = 0
+        async with conn:
+            await conn.send_all(s.data_to_send())
+            while answered < replies_per_connection:
+                data = await conn.receive_some(65536)
+                if not data:
+                    break
+                for e in s.receive_data(data):
+                    if isinstance(e, h2.events.StreamEnded):
+                        seen.append(e.stream_id)
+                        s.send_headers(e.stream_id, [(b":status", b"200")])
+                        s.send_data(e.stream_id, b"ok", end_stream=True)
+                        answered += 1
+                await conn.send_all(s.data_to_send())
+            await trio.sleep(0.05)  # the reply is read before the close
+
+
+async def test_the_driver_reuses_a_connection_and_retries_once_when_the_server_closed_it() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
+    seen: list[int] = []
+    lean = UnaryConnections(1.0, 1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2, listener, 2, seen)
+        for _ in range(5):
+            r = await lean.exchange(address, REQUEST, b"{}")
+            assert r.head == [(b":status", b"200")] and bytes(r.data) == b"ok"
+            await trio.sleep(0.1)  # the server closes after its second reply; the next one finds out
+        assert lean.busy == 0
+        lean.close()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    # Stream 1 and 3 on each connection: a connection was reused, and the closed one retried on a fresh one.
+    assert seen == [1, 3, 1, 3, 1]
