@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
+import urllib.request
 from pathlib import Path
 
 import harness as h
@@ -39,6 +41,16 @@ def p50(url: str, b: h.Bench, n: int, extra: list[str], name: str) -> int:
     if statuses != {"200"}:
         raise RuntimeError(f"{name}: statuses {statuses}\n{out}")
     return lat[len(lat) // 2]
+
+
+def verdicts(svc: h.Service) -> dict[str, float]:
+    """The proxy's risk counters: a fail-open check costs nothing and would flatter the figures."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{svc.admin}/metrics", timeout=5).read().decode()
+    got: dict[str, float] = {}
+    for m in re.finditer(r'^meshproxy_risk_(verdicts|failures)_total\{[^}]*(?:verdict|reason)="(\w+)"[^}]*\} (\S+)$',
+                         text, re.M):
+        got[f"{m[1]}:{m[2]}"] = got.get(f"{m[1]}:{m[2]}", 0) + float(m[3])
+    return {k: v for k, v in got.items() if v}
 
 
 def main() -> int:
@@ -76,7 +88,11 @@ def main() -> int:
             report.append(row["meshproxy-risk-report"] / row["meshproxy"])
             print(f"round {rnd + 1}: p50 µs {row}; enforce adds {added[-1]} µs beyond the risk service; "
                   f"report/plain {report[-1]:.3f}", flush=True)
+        checks = {n: verdicts(svc) for n, svc in svcs.items() if n != "meshproxy" and svc is not None}
+    print("risk counters:", json.dumps(checks))
+    failed = {n: c for n, c in checks.items() if any(k.startswith("failures:") for k in c)}
     summary = {
+        "risk_counters": checks,
         "p50_us": {k: statistics.median(v) for k, v in got.items()},
         "enforce_added_us_beyond_risk_service": statistics.median(added),
         "report_p50_ratio": round(statistics.median(report), 3),
@@ -86,6 +102,9 @@ def main() -> int:
         Path(o.json).write_text(json.dumps({"started": started, "method": vars(o), "summary": summary,
                                             "rounds": {"p50_us": got, "added_us": added, "report_ratio": report}},
                                            indent=1))
+    if failed:
+        print(f"PROBLEM: risk checks failed (the figures are not valid): {failed}")
+        return 1
     return 0
 
 

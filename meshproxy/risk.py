@@ -94,7 +94,6 @@ class RiskClient:
 
     def __init__(self, cluster: Cluster, protocol: str, path: str, authority: str) -> None:
         self.cluster = cluster
-        self._lean = unary_h2.UnaryConnections(cluster.config.connect_timeout, MAX_REPLY_BYTES)
         self.grpc = protocol == "grpc"
         self._head: list[tuple[bytes, bytes]] = [
             (b":method", b"POST"),
@@ -134,11 +133,11 @@ class RiskClient:
         while (i := cluster.pick(tried)) is not None:
             tried.add(i)
             pool = cluster.pools[i]
-            if pool.tls is not None or self._lean.busy >= LEAN_MAX_BUSY:
+            if pool.tls is not None or cluster.lean.busy >= LEAN_MAX_BUSY:
                 return await self._shared_exchange(headers, body)
             cluster.stream_started(pool)
             try:
-                response = await self._lean.exchange(pool.address, headers, body)
+                response = await cluster.lean.exchange(pool.address, headers, body, MAX_REPLY_BYTES)
             except (OSError, trio.TooSlowError) as e:  # connect failed: the next endpoint
                 cluster.guard.connect_failed(pool, trio.current_time())
                 errors.append(f"{pool.name}: {e or type(e).__name__}")

@@ -84,6 +84,7 @@ class UnaryClient:
         self._in = bytearray()
         self._next_id = 1
         self._stream = 0  # the exchange in progress, 0 when idle
+        self._ended = 0  # the last exchange's stream
         self._response = Response()
         self._pending = memoryview(b"")  # request body not yet sent (waiting for window)
         self._conn_send_window = DEFAULT_WINDOW
@@ -163,9 +164,8 @@ class UnaryClient:
         del buf[:at]
         if done:
             if self._pending:  # answered before the whole request was sent: end our side too
-                self._out += frame(RST_STREAM, 0, self._stream, struct.pack("!I", CANCEL))
+                self._out += frame(RST_STREAM, 0, self._ended, struct.pack("!I", CANCEL))
                 self._pending = memoryview(b"")
-            self._stream = 0
             return self._response
         return None
 
@@ -265,7 +265,11 @@ class UnaryClient:
 
     def _end(self, flags: int) -> bool:
         if flags & END_STREAM:
+            # Frames after this one for the stream are ignored: a server that
+            # answered without reading the whole request follows with
+            # RST_STREAM NO_ERROR (RFC 9113 8.1).
             self._response.ended = True
+            self._ended, self._stream = self._stream, 0
             return True
         return False
 

@@ -47,15 +47,17 @@ class _Stale(Closed):
 class UnaryConnection:
     __slots__ = ("codec", "idle_since", "sock")
 
-    def __init__(self, sock: socket.socket, max_reply: int) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-        self.codec = UnaryClient(max_reply)
+        self.codec = UnaryClient(0)
         self.idle_since = 0.0
 
-    async def exchange(self, headers: list[tuple[bytes, bytes]], body: bytes, reused: bool) -> Response:
+    async def exchange(self, headers: list[tuple[bytes, bytes]], body: bytes, max_reply: int,
+                       reused: bool) -> Response:
         codec = self.codec
+        codec.max_reply = max_reply
         codec.request(headers, body)
         await self._send(codec.data_to_send())
         got_any = False
@@ -100,41 +102,45 @@ def _error(what: str, e: OSError) -> str:
 
 
 class UnaryConnections:
-    """Idle lean connections by endpoint, at most MAX_IDLE each."""
+    """Idle lean connections by endpoint, at most MAX_IDLE each (a cluster owns one set, and closes it)."""
 
-    def __init__(self, connect_timeout: float, max_reply: int) -> None:
+    def __init__(self, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
-        self.max_reply = max_reply
         self._idle: dict[Address, collections.deque[UnaryConnection]] = {}
         self.busy = 0  # exchanges in progress, each on a connection of its own
 
-    async def exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
-        """The response from `address`. Raises OSError / trio.TooSlowError (connect) or ExchangeFailed."""
+    async def exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes,
+                       max_reply: int) -> Response:
+        """The response from `address`, its body at most `max_reply` bytes.
+
+        Raises OSError / trio.TooSlowError (connect) or ExchangeFailed.
+        """
         self.busy += 1
         try:
-            return await self._exchange(address, headers, body)
+            return await self._exchange(address, headers, body, max_reply)
         finally:
             self.busy -= 1
 
-    async def _exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+    async def _exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes,
+                        max_reply: int) -> Response:
         idle = self._idle.setdefault(address, collections.deque())
         now = trio.current_time()
         while idle:
             conn = idle.pop()  # the most recently used: the likeliest still open
             if now - conn.idle_since < IDLE_TIMEOUT and conn.codec.usable:
                 try:
-                    return await self._run(conn, idle, headers, body, True)
+                    return await self._run(conn, idle, headers, body, max_reply, True)
                 except (_Stale, StreamRefused):
                     break  # not processed: once more, on a fresh connection
             conn.close()
         a = address
         sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
-        return await self._run(UnaryConnection(sock, self.max_reply), idle, headers, body, False)
+        return await self._run(UnaryConnection(sock), idle, headers, body, max_reply, False)
 
     async def _run(self, conn: UnaryConnection, idle: collections.deque[UnaryConnection],
-                   headers: list[tuple[bytes, bytes]], body: bytes, reused: bool) -> Response:
+                   headers: list[tuple[bytes, bytes]], body: bytes, max_reply: int, reused: bool) -> Response:
         try:
-            response = await conn.exchange(headers, body, reused)
+            response = await conn.exchange(headers, body, max_reply, reused)
         except BaseException:  # a failure or a cancelled (timed out) exchange: the state is unknown
             conn.close()
             raise

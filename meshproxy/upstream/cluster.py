@@ -12,6 +12,7 @@ import trio
 
 from meshproxy.config import Cluster as ClusterConfig
 from meshproxy.drivers.h2 import ClientLink, Stream
+from meshproxy.drivers.unary_h2 import UnaryConnections
 from meshproxy.errors import UpstreamUnavailable
 from meshproxy.metrics import Metrics
 from meshproxy.upstream import health, lb
@@ -41,6 +42,8 @@ class Cluster:
         self._lb = lb.make(config.lb, dynamic=config.dynamic_weights is not None)
         self._streams_active = metrics.child(metrics.upstream_streams_active, config.name)
         self._health = health.start(config, self.pools, nursery, metrics, tls_config)
+        # Lean connections of clients that make small unary exchanges of their own (risk checks).
+        self.lean = UnaryConnections(config.connect_timeout)
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} {self.pools}>"
@@ -101,6 +104,7 @@ class Cluster:
     async def close(self, timeout: float) -> None:
         if self._health is not None:
             self._health.cancel()
+        self.lean.close()
         async with trio.open_nursery() as nursery:
             for pool in self.pools:
                 nursery.start_soon(pool.close, timeout)

@@ -144,6 +144,23 @@ def test_a_reset_stream_fails_the_exchange(code: int, error: type[Exception]) ->
     assert e.value.code == code  # type: ignore[attr-defined]
 
 
+def test_a_reset_after_the_complete_reply_is_ignored() -> None:
+    s, c, _ = start()
+    s.send_headers(1, [(b":status", b"200")], end_stream=True)
+    wire = s.data_to_send() + unary_h2.frame(unary_h2.RST_STREAM, 0, 1, struct.pack("!I", ErrorCodes.NO_ERROR))
+    r = c.receive(wire)
+    assert r is not None and r.head == [(b":status", b"200")] and c.usable
+
+
+def test_a_reply_before_the_whole_body_was_sent_ends_our_side_with_a_reset() -> None:
+    s, c, _ = start(b"x" * 100_000)  # 65,535 sent; the rest waits for window
+    s.send_headers(1, [(b":status", b"200")], end_stream=True)
+    assert c.receive(s.data_to_send()) is not None
+    wire = c.data_to_send()
+    assert wire[3] == unary_h2.RST_STREAM and int.from_bytes(wire[5:9], "big") == 1
+    assert int.from_bytes(wire[9:13], "big") == unary_h2.CANCEL and c.usable
+
+
 def test_goaway_refuses_an_unprocessed_request_and_ends_reuse() -> None:
     s, c, _ = start()
     s.close_connection(last_stream_id=0)
@@ -215,11 +232,11 @@ async def test_the_driver_reuses_a_connection_and_retries_once_when_the_server_c
     listener.setblocking(False)
     address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
     seen: list[int] = []
-    lean = UnaryConnections(1.0, 1000)
+    lean = UnaryConnections(1.0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2, listener, 2, seen)
         for _ in range(5):
-            r = await lean.exchange(address, REQUEST, b"{}")
+            r = await lean.exchange(address, REQUEST, b"{}", 1000)
             assert r.head == [(b":status", b"200")] and bytes(r.data) == b"ok"
             await trio.sleep(0.1)  # the server closes after its second reply; the next one finds out
         assert lean.busy == 0
