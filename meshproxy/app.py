@@ -124,7 +124,6 @@ class App:
                 self._nursery = root
                 root.start_soon(self.access_log.run)
                 mirror.install(self.mirror)
-                self.mirror.start()
                 self.admin_address = await root.start(serve_admin, self.config.admin.address, self._admin_source())
                 async with trio.open_nursery() as upstream:
                     self._clusters = ClusterManager(upstream, self.metrics)

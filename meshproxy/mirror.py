@@ -404,8 +404,9 @@ def make_sink(config: MirrorConfig) -> FileSink | RedisSink | NatsSink:
 
 @dataclass
 class Mirror:
-    """The queue and its writer: a thread of its own that wakes every
-    `flush_interval` (or when a batch is full) and hands the sink a batch.
+    """The queue and its writer: a thread of its own, started by the first
+    record, that wakes every `flush_interval` (or when a batch is full) and
+    hands the sink a batch.
 
     The writer is a plain thread, not a trio task handing each batch to a
     worker thread: that hand-off ran on the event loop once per batch and
@@ -444,14 +445,15 @@ class Mirror:
         # arriving as one burst per batch in front of whatever call comes next.
         self._queue.append(self._prepare(record))
         counts.enqueued += 1
-        if len(self._queue) >= BATCH and not self._wake.is_set():
+        if self._thread is None:
+            self._start()  # on the first record: a process that mirrors nothing runs no writer
+        elif len(self._queue) >= BATCH and not self._wake.is_set():
             self._wake.set()
         return True
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._write_loop, name="mirror-writer", daemon=True)
-            self._thread.start()
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._write_loop, name="mirror-writer", daemon=True)
+        self._thread.start()
 
     def _write_loop(self) -> None:
         """Batches every flush_interval (or when a batch is full); after a failed batch, backs off."""
@@ -494,8 +496,9 @@ class Mirror:
         """Stop taking records; flush what is queued within `timeout`; drop (and count) the rest."""
         self._deadline = time.monotonic() + timeout
         self._closed = True
-        self.start()  # a mirror that never ran still writes what was queued
-        assert self._thread is not None
+        if self._thread is None:  # nothing was ever queued
+            await trio.to_thread.run_sync(self.sink.close)
+            return
         self._stop.set()
         self._wake.set()
         # A sink write past the deadline (a stalled Redis) is bounded by its own socket timeout.

@@ -92,8 +92,12 @@ class AdaptiveLimit:
       is queueing, so shrink in proportion, like Netflix's Gradient:
       limit x max(0.5, (1 + tolerance) x base / mean);
     * otherwise, if the limit was binding (a call waited or was refused for
-      it), probe upwards by sqrt(limit) (at least 1), like Vegas;
-    * otherwise hold: an idle limit says nothing about capacity.
+      it) and the queueing delay is at most half the tolerance, probe
+      upwards by sqrt(limit) (at least 1), like Vegas;
+    * otherwise hold: an idle limit says nothing about capacity, and one
+      whose calls already queue a little behind it is at the upstream's
+      knee (probing on from there kept a FIFO upstream's queue one or two
+      calls deep, which the most important calls waited in too).
 
     A window mean under `base` lowers it (the upstream got faster). Window
     *means* rather than single samples, so a workload of fast and slow
@@ -182,10 +186,11 @@ class AdaptiveLimit:
         self.latency = mean
         if mean < self.base:
             self.base = mean
-        if mean - self.base > s.tolerance * self.base:
+        queueing = mean - self.base
+        if queueing > s.tolerance * self.base:
             gradient = max(MAX_DECREASE, (1.0 + s.tolerance) * self.base / mean)
             self.limit = max(float(s.min), self.limit * gradient)
-        elif self._binding:
+        elif self._binding and queueing <= s.tolerance * self.base / 2:
             self.limit = min(float(s.max), self.limit + max(1.0, math.sqrt(self.limit)))
         self._sum = 0.0
         self._n = 0

@@ -90,7 +90,9 @@ def test_a_head_without_a_response_reads_back_without_response_fields(tmp_path: 
     from meshproxy.call import Call, Completion, EmptyBody, Peer, Protocol
     from meshproxy.filters.mirror import MirrorFilter
 
-    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path))), Metrics.create(CollectorRegistry()))
+    # The writer (started by the first record) waits a minute before its first batch: the record stays queued.
+    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), flush_interval=60),
+                      Metrics.create(CollectorRegistry()))
     mirror.install(m)
     try:
         f = MirrorFilter.from_options({"capture_response": False, "max_body_bytes": 4})
@@ -118,7 +120,7 @@ async def test_queue_full_drops_and_counts(tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry
 
     metrics = Metrics.create(CollectorRegistry())
-    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), queue_size=3), metrics)
+    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), queue_size=3, flush_interval=60), metrics)
     results = [m.submit(mirror.Record({"i": i})) for i in range(5)]
     assert results == [True, True, True, False, False]
     assert not m.submit(mirror.Record({}, b"x" * (m.config.max_record_bytes + 1)))
@@ -171,8 +173,7 @@ async def test_a_sink_error_of_any_kind_drops_its_batch_and_the_writer_goes_on(t
     metrics = Metrics.create(CollectorRegistry())
     m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), flush_interval=0.01), metrics)
     m.sink = sink = FlakySink(ValueError("not an OSError"))
-    assert m.submit(mirror.Record({"i": 1}))
-    m.start()
+    assert m.submit(mirror.Record({"i": 1}))  # starts the writer
     await eventually(lambda: counted(metrics)["sink_down"] == 1, timeout=5)
     assert m.submit(mirror.Record({"i": 2}))
     await eventually(lambda: counted(metrics)["written"] == 1, timeout=5)  # after the 0.1 s backoff
@@ -187,12 +188,11 @@ async def test_close_leaves_a_stuck_sink_behind_and_drops_what_is_still_queued(
 
     monkeypatch.setattr(mirror, "SINK_WRITE_TIMEOUT", 0.2)
     metrics = Metrics.create(CollectorRegistry())
-    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), flush_interval=0.01), metrics)
+    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path)), flush_interval=0.2), metrics)
     m.sink = sink = FlakySink()
     sink.hold.clear()
-    for i in range(3):
+    for i in range(3):  # well within the first flush interval: one batch
         assert m.submit(mirror.Record({"i": i}))
-    m.start()
     await trio.to_thread.run_sync(sink.entered.wait, 5)
     for i in range(2):
         assert m.submit(mirror.Record({"i": i}))

@@ -62,10 +62,11 @@ class UnaryConnection:
         await self._send(codec.data_to_send())
         got_any = False
         while True:
+            # The reply cannot be here the moment the request left: wait first, then read.
+            await trio.lowlevel.wait_readable(self.sock)
             try:
                 data = self.sock.recv(RECV_SIZE)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
                 continue
             except OSError as e:
                 raise (_Stale if reused and not got_any else Closed)(0, _error("recv", e)) from None

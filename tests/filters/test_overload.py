@@ -89,6 +89,16 @@ def test_limit_tolerates_queueing_up_to_the_tolerance_and_cuts_at_most_half() ->
     assert lim.limit == 5
 
 
+def test_limit_holds_at_the_knee_where_calls_queue_a_little() -> None:
+    lim, now = probed()
+    # 3 ms of queueing on 10 ms: within the tolerance (5 ms) but past half of it. Demand is
+    # over the limit, yet probing on would deepen the upstream's queue: it holds.
+    now = feed(lim, now, 0.013, 5)
+    assert lim.limit == 10
+    feed(lim, now, 0.0124, 1)  # 2.4 ms: under half the tolerance, it probes upwards again
+    assert lim.limit > 10
+
+
 def test_limit_holds_when_it_is_not_binding_and_stays_in_bounds() -> None:
     lim, now = probed()
     feed(lim, now, 0.010, 50, binding=False)
