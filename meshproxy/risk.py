@@ -142,10 +142,10 @@ class RiskClient:
                 cluster.guard.connect_failed(pool, trio.current_time())
                 errors.append(f"{pool.name}: {e or type(e).__name__}")
                 continue
-            except unary_h2.Closed as e:
+            except (unary_h2.Closed, unary_h2.StreamReset) as e:  # as StreamReset on the shared path
                 raise RiskFailure(UNAVAILABLE, str(e)) from None
-            except unary_h2.ExchangeFailed as e:  # a protocol error, a reset, a reply too long
-                raise RiskFailure(BAD_REPLY if e.code != ErrorCodes.REFUSED_STREAM else UNAVAILABLE, str(e)) from None
+            except unary_h2.ExchangeFailed as e:  # a protocol error, a reply too long
+                raise RiskFailure(BAD_REPLY, str(e)) from None
             finally:
                 cluster.stream_done(pool)
             assert response.head is not None

@@ -25,7 +25,7 @@ from hpack.exceptions import HPACKError
 
 from meshproxy.codec.hpack import LeanDecoder, StatelessEncoder
 
-__all__ = ["PREFACE", "ExchangeFailed", "Response", "StreamRefused", "UnaryClient"]
+__all__ = ["PREFACE", "ExchangeFailed", "Response", "StreamRefused", "StreamReset", "UnaryClient"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -48,14 +48,18 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 
 class ExchangeFailed(Exception):
-    """The connection cannot go on (a protocol error, GOAWAY, an oversized reply): drop it."""
+    """The exchange failed and the connection cannot be trusted (a protocol error, a reset, an oversized reply): drop it."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-class StreamRefused(ExchangeFailed):
+class StreamReset(ExchangeFailed):
+    """The server reset the stream (RST_STREAM, or GOAWAY below it)."""
+
+
+class StreamRefused(StreamReset):
     """The server did not process the request (RST_STREAM REFUSED_STREAM, or GOAWAY below it): safe to send again."""
 
 
@@ -84,7 +88,6 @@ class UnaryClient:
         self._in = bytearray()
         self._next_id = 1
         self._stream = 0  # the exchange in progress, 0 when idle
-        self._ended = 0  # the last exchange's stream
         self._response = Response()
         self._pending = memoryview(b"")  # request body not yet sent (waiting for window)
         self._conn_send_window = DEFAULT_WINDOW
@@ -162,12 +165,7 @@ class UnaryClient:
                 raise ExchangeFailed(PROTOCOL_ERROR, "header block interrupted")
             done = self._frame(kind, flags, sid, payload) or done
         del buf[:at]
-        if done:
-            if self._pending:  # answered before the whole request was sent: end our side too
-                self._out += frame(RST_STREAM, 0, self._ended, struct.pack("!I", CANCEL))
-                self._pending = memoryview(b"")
-            return self._response
-        return None
+        return self._response if done else None
 
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> bool:
         if kind == DATA:
@@ -188,7 +186,7 @@ class UnaryClient:
                 raise ExchangeFailed(PROTOCOL_ERROR, "bad RST_STREAM")
             if sid == self._stream:
                 code = int.from_bytes(payload, "big")
-                cls = StreamRefused if code == REFUSED_STREAM else ExchangeFailed
+                cls = StreamRefused if code == REFUSED_STREAM else StreamReset
                 raise cls(code, f"stream reset by the server (code {code})")
         elif kind == GOAWAY:
             if len(payload) < 8 or sid:
@@ -269,7 +267,10 @@ class UnaryClient:
             # answered without reading the whole request follows with
             # RST_STREAM NO_ERROR (RFC 9113 8.1).
             self._response.ended = True
-            self._ended, self._stream = self._stream, 0
+            if self._pending:  # answered before the whole request was sent: end our side too
+                self._out += frame(RST_STREAM, 0, self._stream, struct.pack("!I", CANCEL))
+                self._pending = memoryview(b"")
+            self._stream = 0
             return True
         return False
 

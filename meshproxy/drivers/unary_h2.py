@@ -21,11 +21,17 @@ import socket
 
 import trio
 
-from meshproxy.codec.unary_h2 import ExchangeFailed, Response, StreamRefused, UnaryClient
+from meshproxy.codec.unary_h2 import (
+    ExchangeFailed,
+    Response,
+    StreamRefused,
+    StreamReset,
+    UnaryClient,
+)
 from meshproxy.drivers.transport import connect
 from meshproxy.values import Address
 
-__all__ = ["Closed", "ExchangeFailed", "Response", "StreamRefused", "UnaryConnections"]
+__all__ = ["Closed", "ExchangeFailed", "Response", "StreamRefused", "StreamReset", "UnaryConnections"]
 
 RECV_SIZE = 64 * 1024
 # Idle connections kept per endpoint; more concurrent exchanges than this open

@@ -20,7 +20,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from meshproxy.codec import unary_h2
-from meshproxy.codec.unary_h2 import ExchangeFailed, StreamRefused, UnaryClient
+from meshproxy.codec.unary_h2 import ExchangeFailed, StreamRefused, StreamReset, UnaryClient
 from meshproxy.drivers.unary_h2 import UnaryConnections
 from meshproxy.values import Address
 
@@ -135,7 +135,7 @@ def test_padded_headers_and_data() -> None:
 
 
 @pytest.mark.parametrize(("code", "error"), [(ErrorCodes.REFUSED_STREAM, StreamRefused),
-                                             (ErrorCodes.INTERNAL_ERROR, ExchangeFailed)])
+                                             (ErrorCodes.INTERNAL_ERROR, StreamReset)])
 def test_a_reset_stream_fails_the_exchange(code: int, error: type[Exception]) -> None:
     s, c, _ = start()
     s.reset_stream(1, code)
