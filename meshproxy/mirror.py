@@ -452,8 +452,13 @@ class Mirror:
         return True
 
     def _start(self) -> None:
-        self._thread = threading.Thread(target=self._write_loop, name="mirror-writer", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._write_loop, name="mirror-writer", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as e:  # can't start new thread: records stay queued; the next submit tries again
+            log.error("mirror: cannot start the writer thread: %s", e)
+            return
+        self._thread = thread
 
     def _write_loop(self) -> None:
         """Batches every flush_interval (or when a batch is full); after a failed batch, backs off."""
@@ -496,19 +501,19 @@ class Mirror:
         """Stop taking records; flush what is queued within `timeout`; drop (and count) the rest."""
         self._deadline = time.monotonic() + timeout
         self._closed = True
-        if self._thread is None:  # nothing was ever queued
-            await trio.to_thread.run_sync(self.sink.close)
-            return
-        self._stop.set()
-        self._wake.set()
-        # A sink write past the deadline (a stalled Redis) is bounded by its own socket timeout.
-        await trio.to_thread.run_sync(self._thread.join, timeout + SINK_WRITE_TIMEOUT)
+        if self._thread is None and self._queue:
+            self._start()  # a writer that could not start at submit gets one more try
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            # A sink write past the deadline (a stalled Redis) is bounded by its own socket timeout.
+            await trio.to_thread.run_sync(self._thread.join, timeout + SINK_WRITE_TIMEOUT)
         if self._queue:
             n = len(self._queue)
             self._queue.clear()
             self._counts.dropped["shutdown"] += n
             self._counts.discarded += n
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             log.warning("mirror sink: the writer is still busy after %.1f s; the sink is left open", timeout)
             return
         await trio.to_thread.run_sync(self.sink.close)

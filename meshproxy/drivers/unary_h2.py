@@ -3,8 +3,10 @@ exchanges (the risk callout), one exchange per connection at a time, kept idle
 per endpoint for reuse.
 
 Knows: sockets, trio's readiness waits, and which failures mean "the request
-was not processed" (a reused connection the server had closed, a refused
-stream), so one fresh attempt is safe. Must not: pick endpoints or decide
+was not processed" (a refused stream, a GOAWAY below it, a reused connection
+that failed the first send), so one fresh attempt is safe; a connection that
+closes after the request left is a failure, never resent (the server may have
+processed it). Must not: pick endpoints or decide
 what a failure means to a call.
 
 The calling task does its own socket I/O: the request goes out with one
@@ -47,7 +49,7 @@ class Closed(ExchangeFailed):
 
 
 class _Stale(Closed):
-    """A reused connection closed before any of the reply came: the request was not processed."""
+    """A reused connection failed the request's first send: the request was not processed."""
 
 
 class UnaryConnection:
@@ -55,7 +57,8 @@ class UnaryConnection:
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.codec = UnaryClient(0)
         self.idle_since = 0.0
@@ -65,8 +68,10 @@ class UnaryConnection:
         codec = self.codec
         codec.max_reply = max_reply
         codec.request(headers, body)
-        await self._send(codec.data_to_send())
-        got_any = False
+        try:
+            await self._send(codec.data_to_send())
+        except Closed as e:
+            raise (_Stale(e.code, str(e)) if reused else e) from None
         while True:
             # The reply cannot be here the moment the request left: wait first, then read.
             await trio.lowlevel.wait_readable(self.sock)
@@ -75,10 +80,9 @@ class UnaryConnection:
             except BlockingIOError:
                 continue
             except OSError as e:
-                raise (_Stale if reused and not got_any else Closed)(0, _error("recv", e)) from None
+                raise Closed(0, _error("recv", e)) from None
             if not data:
-                raise (_Stale if reused and not got_any else Closed)(0, "connection closed by the server")
-            got_any = True
+                raise Closed(0, "connection closed by the server")
             response = codec.receive(data)
             out = codec.data_to_send()
             if out:
@@ -95,6 +99,15 @@ class UnaryConnection:
                 await trio.lowlevel.wait_writable(self.sock)
             except OSError as e:
                 raise Closed(0, _error("send", e)) from None
+
+    def looks_open(self) -> bool:
+        """No EOF or error waiting on the socket (bytes waiting, such as a PING, are fine)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
 
     def close(self) -> None:
         try:
@@ -115,6 +128,7 @@ class UnaryConnections:
         self.connect_timeout = connect_timeout
         self._idle: dict[Address, collections.deque[UnaryConnection]] = {}
         self.busy = 0  # exchanges in progress, each on a connection of its own
+        self._closed = False  # the cluster is gone: connections are closed after use, not kept
 
     async def exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes,
                        max_reply: int) -> Response:
@@ -132,9 +146,11 @@ class UnaryConnections:
                         max_reply: int) -> Response:
         idle = self._idle.setdefault(address, collections.deque())
         now = trio.current_time()
+        while idle and now - idle[0].idle_since >= IDLE_TIMEOUT:
+            idle.popleft().close()  # the oldest first: after a burst, the extra ones age out
         while idle:
             conn = idle.pop()  # the most recently used: the likeliest still open
-            if now - conn.idle_since < IDLE_TIMEOUT and conn.codec.usable:
+            if conn.codec.usable and conn.looks_open():
                 try:
                     return await self._run(conn, idle, headers, body, max_reply, True)
                 except (_Stale, StreamRefused):
@@ -142,7 +158,12 @@ class UnaryConnections:
             conn.close()
         a = address
         sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
-        return await self._run(UnaryConnection(sock), idle, headers, body, max_reply, False)
+        try:
+            conn = UnaryConnection(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return await self._run(conn, idle, headers, body, max_reply, False)
 
     async def _run(self, conn: UnaryConnection, idle: collections.deque[UnaryConnection],
                    headers: list[tuple[bytes, bytes]], body: bytes, max_reply: int, reused: bool) -> Response:
@@ -151,7 +172,7 @@ class UnaryConnections:
         except BaseException:  # a failure or a cancelled (timed out) exchange: the state is unknown
             conn.close()
             raise
-        if conn.codec.usable and len(idle) < MAX_IDLE:
+        if conn.codec.usable and len(idle) < MAX_IDLE and not self._closed:
             conn.idle_since = trio.current_time()
             idle.append(conn)
         else:
@@ -159,6 +180,7 @@ class UnaryConnections:
         return response
 
     def close(self) -> None:
+        self._closed = True
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()

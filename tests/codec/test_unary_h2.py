@@ -245,3 +245,22 @@ async def test_the_driver_reuses_a_connection_and_retries_once_when_the_server_c
     listener.close()
     # Stream 1 and 3 on each connection: a connection was reused, and the closed one retried on a fresh one.
     assert seen == [1, 3, 1, 3, 1]
+
+
+async def test_the_driver_speaks_over_a_unix_socket(tmp_path: Any) -> None:
+    path = str(tmp_path / "risk.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    listener.setblocking(False)
+    seen: list[int] = []
+    lean = UnaryConnections(1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2, listener, 10, seen)
+        for _ in range(2):
+            r = await lean.exchange(Address("unix", path=path), REQUEST, b"{}", 1000)
+            assert bytes(r.data) == b"ok"
+        lean.close()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert seen == [1, 3]
