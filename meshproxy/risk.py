@@ -148,6 +148,8 @@ class RiskClient:
                 raise RiskFailure(BAD_REPLY, str(e)) from None
             finally:
                 cluster.stream_done(pool)
+            # Connect failures count towards ejection; an answer must reset that count.
+            cluster.guard.answered(pool, trio.current_time())
             assert response.head is not None
             return self._verdict(response.head, response.trailers, bytes(response.data))
         raise RiskFailure(UNAVAILABLE, "; ".join(errors) or f"cluster '{cluster.name}' has no endpoint to try")
@@ -164,6 +166,7 @@ class RiskClient:
                 if len(data) > MAX_REPLY_BYTES:
                     raise RiskFailure(BAD_REPLY, f"reply longer than {MAX_REPLY_BYTES} bytes")
             stream.release()
+            cluster.guard.answered(pool, trio.current_time())
             return self._verdict(head, stream.trailers, bytes(data))
         finally:
             # As the proxy does with its upstream streams: a finished stream is

@@ -299,3 +299,25 @@ def test_budget_refund_gives_back_the_newest_counted_retry() -> None:
     assert b.try_retry(1.5) and not b.try_retry(1.5)
     b.refund(5.0)  # both seconds have left the window: nothing to give back, nothing goes negative
     assert b.try_retry(5.0) and b.try_retry(5.0) and not b.try_retry(5.0)
+
+
+def test_an_answer_outside_the_call_path_resets_the_connect_failure_count() -> None:
+    """Risk checks report connect failures to the cluster's guard; their answers must reset the count,
+    or failures spread over hours of good checks would eject the endpoint."""
+    from prometheus_client import CollectorRegistry
+
+    from meshproxy.config import Cluster
+    from meshproxy.metrics import Metrics
+    from meshproxy.upstream.guard import Guard
+    from meshproxy.values import parse_address
+
+    ep = EndpointState("c", "127.0.0.1:1")
+    guard = Guard(Cluster("c", "http2", (parse_address("127.0.0.1:1"),), outlier=Outlier(consecutive_errors=2)),
+                  [ep], Metrics.create(CollectorRegistry()))
+    for t in range(5):
+        guard.connect_failed(ep, float(t))
+        guard.answered(ep, float(t))
+    assert not ep.ejected(5.0)
+    guard.connect_failed(ep, 6.0)
+    guard.connect_failed(ep, 6.0)
+    assert ep.ejected(6.0)
