@@ -87,9 +87,11 @@ class RiskClient:
     To a plaintext endpoint a check goes over a lean connection of its own
     (drivers/unary_h2.py: the checking task sends and reads, one exchange per
     connection at a time), picked by the cluster's load balancer and counted
-    in its active requests; the proxy's shared h2 connections cost a reader
-    task, a writer task and h2's state machine per check, which made enforce
-    mode add about 450 µs. TLS endpoints use the shared connections.
+    in its active requests. Through the proxy's shared h2 connections (a
+    reader task, a writer task and h2's state machine per check) enforce mode
+    added 507 µs beyond the risk service at c=1, through lean ones 245-334 µs
+    (bench/README.md). TLS endpoints, and checks past LEAN_MAX_BUSY, use the
+    shared connections.
     """
 
     def __init__(self, cluster: Cluster, protocol: str, path: str, authority: str) -> None:

@@ -12,7 +12,7 @@ state machine plus the proxy's connection machinery (a reader task, a
 batched writer) cost about what a whole proxy leg does. One exchange at a
 time per connection needs no stream table and no scheduling: the caller
 sends, reads until `receive` says the response is complete, and reuses the
-connection. Anything unexpected is a `ExchangeFailed` and the connection
+connection. Anything unexpected is an `ExchangeFailed` and the connection
 is dropped (a fresh one is cheap; this path never has to recover one).
 """
 
