@@ -196,9 +196,8 @@ async def test_close_leaves_a_stuck_sink_behind_and_drops_what_is_still_queued(
     await trio.to_thread.run_sync(sink.entered.wait, 5)
     for i in range(2):
         assert m.submit(mirror.Record({"i": i}))
-    started = trio.current_time()
-    await m.close(0.1)
-    assert trio.current_time() - started < 5
+    with trio.fail_after(5):  # a hang guard: close() must not wait for the stuck write
+        await m.close(0.1)
     # The stuck batch is neither written nor dropped yet: in flight; the two queued behind it are dropped.
     assert counted(metrics) == {"sampled": 5, "written": 0, "sink_down": 0, "shutdown": 2, "in_flight": 3}
     assert not m.submit(mirror.Record({"late": True}))
