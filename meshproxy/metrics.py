@@ -44,12 +44,9 @@ class MirrorCounts(Collector):
         self.dropped = dict.fromkeys(self.DROP_REASONS, 0)
         registry.register(self)
 
-    def _snapshot(self) -> tuple[int, int, int, dict[str, int], int]:
-        sampled, enqueued, written, dropped = self.sampled, self.enqueued, self.written, dict(self.dropped)
-        return sampled, enqueued, written, dropped, enqueued - written - dropped["sink_down"] - self.discarded
-
     def collect(self) -> Any:
-        sampled, enqueued, written, dropped_by_reason, in_flight = self._snapshot()
+        sampled, enqueued, written, dropped_by_reason = self.sampled, self.enqueued, self.written, dict(self.dropped)
+        in_flight = enqueued - written - dropped_by_reason["sink_down"] - self.discarded
         records = CounterMetricFamily(
             "meshproxy_mirror_records", "Mirrored records: sampled = written + dropped + in flight", labels=("result",)
         )

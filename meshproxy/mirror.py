@@ -45,6 +45,8 @@ BATCH = 512
 RECONNECT_BACKOFF_MAX = 30.0
 # The longest one sink write may block (Redis socket timeout 2 s, NATS acks 5 s).
 SINK_WRITE_TIMEOUT = 5.0
+# A writer thread that failed to start (the process is out of threads) is tried again this often, not per record.
+START_RETRY = 1.0
 # Head fields that hold header lists: bytes pairs on the wire, text pairs once decoded.
 HEADER_FIELDS = ("request_headers", "response_headers", "response_trailers")
 # The mirror filter's head: a MessagePack array in this order, cheaper to build
@@ -422,6 +424,7 @@ class Mirror:
     _closed: bool = False
     _deadline: float = math.inf  # time.monotonic() past which the writer writes no more
     _thread: threading.Thread | None = None
+    _retry_start_at: float = 0.0  # after a failed thread start, not before this (time.monotonic())
 
     def __post_init__(self) -> None:
         self._counts = self.metrics.mirror
@@ -452,11 +455,15 @@ class Mirror:
         return True
 
     def _start(self) -> None:
+        now = time.monotonic()
+        if now < self._retry_start_at:
+            return
         thread = threading.Thread(target=self._write_loop, name="mirror-writer", daemon=True)
         try:
             thread.start()
-        except RuntimeError as e:  # can't start new thread: records stay queued; the next submit tries again
-            log.error("mirror: cannot start the writer thread: %s", e)
+        except RuntimeError as e:  # can't start new thread: records stay queued (bounded) until a retry works
+            self._retry_start_at = now + START_RETRY
+            log.error("mirror: cannot start the writer thread: %s; trying again in %.0f s", e, START_RETRY)
             return
         self._thread = thread
 
@@ -502,7 +509,8 @@ class Mirror:
         self._deadline = time.monotonic() + timeout
         self._closed = True
         if self._thread is None and self._queue:
-            self._start()  # a writer that could not start at submit gets one more try
+            self._retry_start_at = 0.0  # a writer that could not start at submit gets one last try
+            self._start()
         if self._thread is not None:
             self._stop.set()
             self._wake.set()

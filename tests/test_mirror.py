@@ -694,3 +694,27 @@ def test_tail_follow_nats(nats_port: int) -> None:
     lines = _follow(f"{url}#mesh.follow", write, 2, 3)
     sink.close()
     assert [x["id"] for x in lines] == [f"f{i}" for i in range(5)]
+
+
+async def test_a_writer_that_cannot_start_leaves_records_queued_and_close_still_writes_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    starts: list[int] = []
+
+    def refuse(self: threading.Thread) -> None:
+        starts.append(1)
+        raise RuntimeError("can't start new thread")
+
+    metrics = Metrics.create(CollectorRegistry())
+    m = mirror.Mirror(MirrorConfig(sink=MirrorSink(directory=str(tmp_path))), metrics)
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", refuse)
+        assert all(m.submit(mirror.Record({"i": i})) for i in range(3))
+    assert len(starts) == 1  # tried once, not once per record
+    assert counted(metrics) == {"sampled": 3, "written": 0, "sink_down": 0, "shutdown": 0, "in_flight": 3}
+    await m.close(5)
+    assert counted(metrics) == {"sampled": 3, "written": 3, "sink_down": 0, "shutdown": 0, "in_flight": 0}
+    assert len(list(mirror.read_spool(tmp_path))) == 3
