@@ -13,8 +13,12 @@ cut in CPU: hpack's encoder searches the tables per field.
 Decoder: the same decoding as hpack's Decoder (the dynamic table, table-size
 updates, the header-list-size limit, truncation and Huffman errors), in one
 loop without per-field helper calls, with Huffman results of short strings
-cached. tests/codec/test_hpack.py checks it against hpack's own Decoder on
-random and round-tripped blocks.
+cached. A block that refers to no dynamic-table entry (and resizes nothing)
+decodes to the same fields whatever the table holds, so such blocks are
+memoized whole: a server that sends its response headers as literals (nginx
+does, with a new date once a second) costs a lookup and the table inserts.
+tests/codec/test_hpack.py checks it against hpack's own Decoder on random
+and round-tripped blocks.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ ENCODE_CACHE_ENTRIES = 8192
 ENCODE_CACHE_MAX_VALUE = 96
 HUFFMAN_CACHE_ENTRIES = 8192
 HUFFMAN_CACHE_MAX_INPUT = 64
+BLOCK_CACHE_ENTRIES = 1024
+BLOCK_CACHE_MAX_INPUT = 1024
+_STATIC_LENGTH = len(_STATIC)
 
 
 def _int(value: int, prefix_bits: int, flags: int = 0) -> bytes:
@@ -138,19 +145,55 @@ def _huffman_cached(data: bytes) -> bytes:
     return out
 
 
+class _LeanTable(HeaderTable):
+    """hpack's dynamic table with an `add` that does not make a logging call per evicted entry."""
+
+    def add(self, name: bytes, value: bytes) -> None:
+        size = 32 + len(name) + len(value)  # RFC 7541 4.1
+        entries = self.dynamic_entries
+        maxsize = self._maxsize
+        if size > maxsize:
+            entries.clear()
+            self._current_size = 0
+            return
+        entries.appendleft((name, value))
+        current = self._current_size + size
+        while current > maxsize:
+            evicted_name, evicted_value = entries.pop()
+            current -= 32 + len(evicted_name) + len(evicted_value)
+        self._current_size = current
+
+
+# Block -> (its fields, the fields it adds to the table, its RFC 7541 4.1
+# size), for blocks with no dynamic-table reference: a pure memo, shared.
+_BLOCKS: dict[bytes, tuple[tuple[tuple[bytes, bytes], ...], tuple[tuple[bytes, bytes], ...], int]] = {}
+
+
 class LeanDecoder(Decoder):
     """hpack's Decoder with a single-loop `decode(raw=True)`."""
 
     def __init__(self, max_header_list_size: int) -> None:
         super().__init__(max_header_list_size=max_header_list_size)
+        self.header_table = _LeanTable()
 
     def decode(self, data: bytes, raw: bool = False) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
         if not raw:
             return super().decode(data, raw)  # type: ignore[return-value]
         table = self.header_table
-        get = table.get_by_index
         limit = self.max_header_list_size
+        memo = _BLOCKS.get(data) if type(data) is bytes else None
+        if memo is not None:
+            fields, added, size = memo
+            if size > limit:
+                raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
+            for name, value in added:
+                table.add(name, value)
+            self._assert_valid_table_size()
+            return list(fields)
+        get = table.get_by_index
         headers: list[tuple[bytes, bytes]] = []
+        added_now: list[tuple[bytes, bytes]] = []
+        dynamic = False  # the block refers to the dynamic table (or resizes it): not memoized
         n = len(data)
         i = 0
         size = 0
@@ -165,6 +208,7 @@ class LeanDecoder(Decoder):
                 else:
                     i += 1
                 name, value = get(index)
+                dynamic = dynamic or index > _STATIC_LENGTH
             elif b & 0x20 and not b & 0x40:  # 6.3 table size update
                 if headers:
                     raise HPACKDecodingError("Table size update not at the start of the block")
@@ -172,6 +216,7 @@ class LeanDecoder(Decoder):
                 if new_size > self.max_allowed_table_size:
                     raise InvalidTableSizeError("Encoder exceeded max allowable table size")
                 self.header_table_size = new_size
+                dynamic = True
                 i += used
                 continue
             else:  # 6.2 literal: with (0x40), without (0x00) or never (0x10) indexing
@@ -186,17 +231,23 @@ class LeanDecoder(Decoder):
                     else:
                         i += 1
                     name = get(name_index)[0]
+                    dynamic = dynamic or name_index > _STATIC_LENGTH
                 else:
                     i += 1
                     name, i = self._string(data, view, i, n)
                 value, i = self._string(data, view, i, n)
                 if index_it:
                     table.add(name, value)
+                    added_now.append((name, value))
             size += 32 + len(name) + len(value)  # RFC 7541 4.1 entry size
             if size > limit:
                 raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
             headers.append((name, value))
         self._assert_valid_table_size()
+        if not dynamic and n <= BLOCK_CACHE_MAX_INPUT and type(data) is bytes:
+            if len(_BLOCKS) >= BLOCK_CACHE_ENTRIES:
+                _BLOCKS.clear()  # crude but bounded, as the other caches
+            _BLOCKS[data] = (tuple(headers), tuple(added_now), size)
         return headers
 
     @staticmethod

@@ -90,3 +90,33 @@ def test_table_size_update_after_a_field_is_an_error():
     block = hpack.Encoder().encode([(b":method", b"GET")]) + b"\x20"
     with pytest.raises(hpack.HPACKDecodingError):
         LeanDecoder(4096).decode(block, raw=True)
+
+
+def _literal_indexed(name: bytes, value: bytes) -> bytes:
+    """A literal with incremental indexing and a new name (RFC 7541 6.2.1), not Huffman-coded."""
+    return b"\x40" + bytes(hpack.hpack.encode_integer(len(name), 7)) + name + \
+        bytes(hpack.hpack.encode_integer(len(value), 7)) + value
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(header_lists, min_size=1, max_size=3), st.lists(st.integers(min_value=0, max_value=5), max_size=15),
+       st.integers(min_value=62, max_value=70))
+def test_repeated_literal_blocks_fill_the_table_as_hpack_does(blocks, order, ref):
+    """nginx sends the same literal blocks again and again; decoded from the memo, they must still
+    add their fields to the table, so a later reference to it resolves (or fails) as with hpack."""
+    literal_blocks = [b"".join(_literal_indexed(n, v) for n, v in headers) for headers in blocks]
+    ours, theirs = LeanDecoder(1 << 20), hpack.Decoder(max_header_list_size=1 << 20)
+    reference = bytes(hpack.hpack.encode_integer(ref, 7))
+    reference = bytes([reference[0] | 0x80]) + reference[1:]
+    for i in order:
+        block = literal_blocks[i % len(literal_blocks)]
+        assert _outcome(ours, block) == _outcome(theirs, block)
+        assert _outcome(ours, reference) == _outcome(theirs, reference)
+
+
+def test_a_memoized_block_still_meets_each_decoders_size_limit():
+    block = _literal_indexed(b"x-big", b"v" * 900)  # small enough to be memoized
+    assert LeanDecoder(1 << 20).decode(block, raw=True) == [(b"x-big", b"v" * 900)]
+    assert LeanDecoder(1 << 20).decode(block, raw=True) == [(b"x-big", b"v" * 900)]
+    with pytest.raises(hpack.OversizedHeaderListError):
+        LeanDecoder(900).decode(block, raw=True)
