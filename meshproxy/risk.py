@@ -181,14 +181,16 @@ class RiskClient:
 
     def _verdict(self, head: list[tuple[bytes, bytes]], trailers: list[tuple[bytes, bytes]] | None,
                  data: bytes) -> Verdict:
-        fields = dict(head)
-        http_status = int(fields.get(b":status", b"0"))
-        if http_status != 200:
+        # :status is the only response pseudo-header, and pseudo-headers come first (RFC 9113 8.3).
+        status_text = head[0][1] if head and head[0][0] == b":status" else b"0"
+        if status_text != b"200":
+            http_status = int(status_text) if status_text.isdigit() else 0
             reason = UNAVAILABLE if http_status in _UNAVAILABLE_HTTP else BAD_REPLY
             raise RiskFailure(reason, f"HTTP status {http_status}")
         try:
             if not self.grpc:
                 return decode_verdict_json(data)
+            fields = dict(head)
             # Trailers-only replies (errors) carry grpc-status in the head.
             code_text = dict(trailers).get(b"grpc-status") if trailers else fields.get(b"grpc-status")
             code = int(code_text) if code_text is not None and code_text.isdigit() else -1
