@@ -1,6 +1,6 @@
 """The trio driver of codec/unary_h2: lean HTTP/2 connections for small unary
-exchanges (the risk callout), one exchange per connection at a time, kept idle
-per endpoint for reuse.
+exchanges (the risk callout), one exchange or one batch of them per connection
+at a time, kept idle per endpoint for reuse.
 
 Knows: sockets, trio's readiness waits, and which failures mean "the request
 was not processed" (a refused stream, a GOAWAY below it, a reused connection
@@ -11,8 +11,11 @@ what a failure means to a call.
 
 The calling task does its own socket I/O: the request goes out with one
 send() and the task waits for the reply on its own socket, so an exchange
-costs one wake-up, with no reader task, no stream table and no batched
-writer in between. Plaintext only: a TLS cluster uses the proxy's h2 path.
+costs one wake-up, with no reader task and no batched writer in between. A
+batch (`exchange_many`) sends all its requests as streams in that one send
+and waits for all the replies, so the send, the wake-ups and the trio
+machinery are paid once for the batch. Plaintext only: a TLS cluster uses
+the proxy's h2 path.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import socket
 import trio
 
 from meshproxy.codec.unary_h2 import (
+    MAX_IN_FLIGHT,
     ExchangeFailed,
     Response,
     StreamRefused,
@@ -63,16 +67,20 @@ class UnaryConnection:
         self.codec = UnaryClient(0)
         self.idle_since = 0.0
 
-    async def exchange(self, headers: list[tuple[bytes, bytes]], body: bytes, max_reply: int,
-                       reused: bool) -> Response:
+    async def exchange(self, requests: list[tuple[list[tuple[bytes, bytes]], bytes]], max_reply: int,
+                       reused: bool) -> list[Response]:
+        """Send `requests` (headers, body) as streams at once; their Responses once all have ended.
+
+        A stream the server reset ends with its Response's `error`; a failed
+        connection raises (Closed, ExchangeFailed)."""
         codec = self.codec
         codec.max_reply = max_reply
-        codec.request(headers, body)
+        responses = [codec.request(headers, body) for headers, body in requests]
         try:
             await self._send(codec.data_to_send())
         except Closed as e:
             raise (_Stale(e.code, str(e)) if reused else e) from None
-        while True:
+        while not codec.idle:  # the connection carries this batch only: idle once every stream ended
             # The reply cannot be here the moment the request left: wait first, then read.
             await trio.lowlevel.wait_readable(self.sock)
             try:
@@ -83,12 +91,11 @@ class UnaryConnection:
                 raise Closed(0, _error("recv", e)) from None
             if not data:
                 raise Closed(0, "connection closed by the server")
-            response = codec.receive(data)
+            codec.receive(data)
             out = codec.data_to_send()
             if out:
                 await self._send(out)
-            if response is not None:
-                return response
+        return responses
 
     async def _send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -127,33 +134,62 @@ class UnaryConnections:
     def __init__(self, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
         self._idle: dict[Address, collections.deque[UnaryConnection]] = {}
-        self.busy = 0  # exchanges in progress, each on a connection of its own
+        self.busy = 0  # exchanges (or batches) in progress, each on a connection of its own
         self._closed = False  # the cluster is gone: connections are closed after use, not kept
 
     async def exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes,
                        max_reply: int) -> Response:
         """The response from `address`, its body at most `max_reply` bytes.
 
-        Raises OSError / trio.TooSlowError (connect) or ExchangeFailed.
+        Raises OSError / trio.TooSlowError (connect), ExchangeFailed, or the
+        StreamReset with which the server ended the stream.
         """
+        request = [(headers, body)]
         self.busy += 1
         try:
-            return await self._exchange(address, headers, body, max_reply)
+            (response,) = await self._exchange(address, request, max_reply)
+            if isinstance(response.error, StreamRefused):  # not processed: once more, as exchange_many does
+                (response,) = await self._exchange(address, request, max_reply, fresh=True)
+        finally:
+            self.busy -= 1
+        if response.error is not None:
+            raise response.error
+        return response
+
+    async def exchange_many(self, address: Address, requests: list[tuple[list[tuple[bytes, bytes]], bytes]],
+                            max_reply: int) -> list[Response]:
+        """The responses from `address` to `requests`, sent at once on one connection
+        (at most MAX_IN_FLIGHT of them). A stream the server reset ends with its
+        Response's `error`; a refused one (not processed) is sent once more on a
+        fresh connection first. Raises OSError / trio.TooSlowError (connect) or
+        ExchangeFailed for the connection.
+        """
+        if not 0 < len(requests) <= MAX_IN_FLIGHT:
+            raise ValueError(f"a batch is 1 to {MAX_IN_FLIGHT} requests, not {len(requests)}")
+        self.busy += 1
+        try:
+            responses = await self._exchange(address, requests, max_reply)
+            refused = [i for i, r in enumerate(responses) if isinstance(r.error, StreamRefused)]
+            if refused:  # not processed (a GOAWAY below them, a server at its stream limit): once more
+                again = await self._exchange(address, [requests[i] for i in refused], max_reply, fresh=True)
+                for i, response in zip(refused, again, strict=True):
+                    responses[i] = response
+            return responses
         finally:
             self.busy -= 1
 
-    async def _exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes,
-                        max_reply: int) -> Response:
+    async def _exchange(self, address: Address, requests: list[tuple[list[tuple[bytes, bytes]], bytes]],
+                        max_reply: int, fresh: bool = False) -> list[Response]:
         idle = self._idle.setdefault(address, collections.deque())
         now = trio.current_time()
         while idle and now - idle[0].idle_since >= IDLE_TIMEOUT:
             idle.popleft().close()  # the oldest first: after a burst, the extra ones age out
-        while idle:
+        while idle and not fresh:
             conn = idle.pop()  # the most recently used: the likeliest still open
-            if conn.codec.usable and conn.looks_open():
+            if conn.codec.room() >= len(requests) and conn.looks_open():
                 try:
-                    return await self._run(conn, idle, headers, body, max_reply, True)
-                except (_Stale, StreamRefused):
+                    return await self._run(conn, idle, requests, max_reply, True)
+                except _Stale:
                     break  # not processed: once more, on a fresh connection
             conn.close()
         a = address
@@ -163,12 +199,13 @@ class UnaryConnections:
         except BaseException:
             sock.close()
             raise
-        return await self._run(conn, idle, headers, body, max_reply, False)
+        return await self._run(conn, idle, requests, max_reply, False)
 
     async def _run(self, conn: UnaryConnection, idle: collections.deque[UnaryConnection],
-                   headers: list[tuple[bytes, bytes]], body: bytes, max_reply: int, reused: bool) -> Response:
+                   requests: list[tuple[list[tuple[bytes, bytes]], bytes]], max_reply: int,
+                   reused: bool) -> list[Response]:
         try:
-            response = await conn.exchange(headers, body, max_reply, reused)
+            responses = await conn.exchange(requests, max_reply, reused)
         except BaseException:  # a failure or a cancelled (timed out) exchange: the state is unknown
             conn.close()
             raise
@@ -177,7 +214,7 @@ class UnaryConnections:
             idle.append(conn)
         else:
             conn.close()
-        return response
+        return responses
 
     def close(self) -> None:
         self._closed = True

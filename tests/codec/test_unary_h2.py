@@ -2,8 +2,10 @@
 
 Covers the exchange (HEADERS, DATA, trailers), SETTINGS and PING acks, sending
 a body larger than the server's window as WINDOW_UPDATEs arrive, CONTINUATION,
-HPACK state across exchanges, padding, resets, GOAWAY, and the bounds (reply
-size, frame size). The driver (sockets) is tested with a real server below.
+HPACK state across exchanges, padding, resets, GOAWAY, a batch of exchanges at
+once (interleaved replies, one reset among them, the server's stream limit),
+and the bounds (reply size, frame size). The driver (sockets) is tested with
+a real server below.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 import trio
 from h2.errors import ErrorCodes
@@ -139,9 +142,9 @@ def test_padded_headers_and_data() -> None:
 def test_a_reset_stream_fails_the_exchange(code: int, error: type[Exception]) -> None:
     s, c, _ = start()
     s.reset_stream(1, code)
-    with pytest.raises(error) as e:
-        c.receive(s.data_to_send())
-    assert e.value.code == code  # type: ignore[attr-defined]
+    r = c.receive(s.data_to_send())
+    assert r is not None and r.ended and type(r.error) is error and r.error.code == code
+    assert c.usable  # the connection itself is fine
 
 
 def test_a_reset_after_the_complete_reply_is_ignored() -> None:
@@ -164,8 +167,8 @@ def test_a_reply_before_the_whole_body_was_sent_ends_our_side_with_a_reset() -> 
 def test_goaway_refuses_an_unprocessed_request_and_ends_reuse() -> None:
     s, c, _ = start()
     s.close_connection(last_stream_id=0)
-    with pytest.raises(StreamRefused):
-        c.receive(s.data_to_send())
+    r = c.receive(s.data_to_send())
+    assert r is not None and isinstance(r.error, StreamRefused)
     assert not c.usable
     s2, c2, _ = start()
     s2.close_connection(last_stream_id=1)  # processed: the reply still comes
@@ -193,9 +196,56 @@ def test_bounds_reply_size_frame_size_and_push() -> None:
         c.receive(unary_h2.frame(unary_h2.HEADERS, unary_h2.END_HEADERS | unary_h2.END_STREAM, 1, b"\x82"))
 
 
-def test_a_busy_connection_takes_no_second_request() -> None:
+def test_a_batch_of_exchanges_with_interleaved_replies_and_one_reset() -> None:
     c = UnaryClient(max_reply=1000)
+    s = server()
+    responses = [c.request(REQUEST, f"body-{i}".encode()) for i in range(4)]
+    c.receive(s.data_to_send())
+    events = to_server(s, c)
+    bodies = {e.stream_id: e.data for e in events if isinstance(e, h2.events.DataReceived)}
+    assert bodies == {1: b"body-0", 3: b"body-1", 5: b"body-2", 7: b"body-3"}
+    # Replies in another order, one in two pieces, and stream 5 reset.
+    s.send_headers(7, [(b":status", b"200")])
+    s.send_headers(1, [(b":status", b"200")])
+    s.send_data(7, b"seven", end_stream=True)
+    s.reset_stream(5, ErrorCodes.INTERNAL_ERROR)
+    s.send_data(1, b"o", end_stream=False)
+    assert c.receive(s.data_to_send()) is not None
+    assert [r.ended for r in responses] == [False, False, True, True]
+    s.send_data(1, b"ne", end_stream=True)
+    s.send_headers(3, [(b":status", b"503")], end_stream=True)
+    c.receive(s.data_to_send())
+    assert all(r.ended for r in responses) and c.idle and c.usable
+    assert [bytes(r.data) for r in responses] == [b"one", b"", b"", b"seven"]
+    assert responses[1].head == [(b":status", b"503")] and isinstance(responses[2].error, StreamReset)
+    assert [r.error for r in (responses[0], responses[1], responses[3])] == [None, None, None]
+
+
+def test_goaway_refuses_only_the_streams_above_its_last_id() -> None:
+    c = UnaryClient(max_reply=1000)
+    s = server()
+    responses = [c.request(REQUEST, b"") for _ in range(3)]
+    c.receive(s.data_to_send())
+    to_server(s, c)
+    c.receive(unary_h2.frame(unary_h2.GOAWAY, 0, 0, struct.pack("!II", 3, ErrorCodes.NO_ERROR)))
+    assert [type(r.error) for r in responses] == [type(None), type(None), StreamRefused]
+    s.send_headers(1, [(b":status", b"200")], end_stream=True)
+    s.send_headers(3, [(b":status", b"200")], end_stream=True)
+    c.receive(s.data_to_send())
+    assert responses[0].ended and responses[1].ended and not c.usable
+
+
+def test_the_servers_stream_limit_bounds_the_exchanges_in_flight() -> None:
+    c = UnaryClient(max_reply=1000)
+    s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    s.local_settings = h2.settings.Settings(client=False, initial_values={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+    s.initiate_connection()
+    c.receive(s.data_to_send())
+    assert c.room() == 2
     c.request(REQUEST, b"")
+    c.request(REQUEST, b"")
+    assert c.room() == 0 and not c.usable
     with pytest.raises(ExchangeFailed, match="busy"):
         c.request(REQUEST, b"")
 
@@ -245,6 +295,27 @@ async def test_the_driver_reuses_a_connection_and_retries_once_when_the_server_c
     listener.close()
     # Stream 1 and 3 on each connection: a connection was reused, and the closed one retried on a fresh one.
     assert seen == [1, 3, 1, 3, 1]
+
+
+async def test_the_driver_sends_a_batch_as_streams_of_one_connection() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
+    seen: list[int] = []
+    lean = UnaryConnections(1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2, listener, 100, seen)
+        for n in (4, 3):
+            responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * n, 1000)
+            assert [bytes(r.data) for r in responses] == [b"ok"] * n
+            assert all(r.ended and r.error is None for r in responses)
+        assert lean.busy == 0
+        with pytest.raises(ValueError, match="batch"):
+            await lean.exchange_many(address, [], 1000)
+        lean.close()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert sorted(seen) == [1, 3, 5, 7, 9, 11, 13]  # one connection, reused for the second batch
 
 
 async def test_the_driver_speaks_over_a_unix_socket(tmp_path: Any) -> None:
