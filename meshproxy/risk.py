@@ -110,6 +110,31 @@ class RiskClient:
 
     async def check(self, request: CheckRequest, deadline: float) -> Verdict:
         """The risk service's verdict, by the absolute trio time `deadline`; RiskFailure if none."""
+        (outcome,) = await self.check_many([request], deadline)
+        if isinstance(outcome, RiskFailure):
+            raise outcome
+        return outcome
+
+    async def check_many(self, requests: Sequence[CheckRequest], deadline: float) -> list[Verdict | RiskFailure]:
+        """Each check's verdict or RiskFailure, all by `deadline`.
+
+        Over a lean connection the checks go out as streams of one write and
+        share its cost (report mode's batches). To a TLS endpoint, or past
+        LEAN_MAX_BUSY, they go one after another over the shared connections.
+        """
+        exchanges = [self._encode(r, deadline) for r in requests]
+        with trio.move_on_at(deadline):
+            try:
+                return await self._exchange(exchanges)
+            except RiskFailure as e:
+                return [e] * len(requests)
+            except ProxyError as e:  # no endpoint took the stream (down, overflow)
+                return [RiskFailure(UNAVAILABLE, e.message)] * len(requests)
+            except StreamReset as e:
+                return [RiskFailure(UNAVAILABLE, str(e))] * len(requests)
+        return [RiskFailure(TIMEOUT)] * len(requests)
+
+    def _encode(self, request: CheckRequest, deadline: float) -> tuple[list[tuple[bytes, bytes]], bytes]:
         if self.grpc:
             body = grpc.frame_message(encode_check(request))
             left = deadline - trio.current_time()
@@ -119,44 +144,47 @@ class RiskClient:
             headers = [*self._head, (b"content-length", str(len(body)).encode())]
         if request.request_id:
             headers.append((b"x-request-id", request.request_id.encode("latin-1", "replace")))
-        with trio.move_on_at(deadline):
-            try:
-                return await self._exchange(headers, body)
-            except ProxyError as e:  # no endpoint took the stream (down, overflow)
-                raise RiskFailure(UNAVAILABLE, e.message) from None
-            except StreamReset as e:
-                raise RiskFailure(UNAVAILABLE, str(e)) from None
-        raise RiskFailure(TIMEOUT)
+        return headers, body
 
-    async def _exchange(self, headers: list[tuple[bytes, bytes]], body: bytes) -> Verdict:
+    async def _exchange(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]]
+                        ) -> list[Verdict | RiskFailure]:
         cluster = self.cluster
+        n = len(exchanges)
         tried: set[int] = set()
         errors: list[str] = []
         while (i := cluster.pick(tried)) is not None:
             tried.add(i)
             pool = cluster.pools[i]
             if pool.tls is not None or cluster.lean.busy >= LEAN_MAX_BUSY:
-                return await self._shared_exchange(headers, body)
-            cluster.stream_started(pool)
+                return [await self._shared_exchange(headers, body) for headers, body in exchanges]
+            cluster.stream_started(pool, n)
             try:
-                response = await cluster.lean.exchange(pool.address, headers, body, MAX_REPLY_BYTES)
+                responses = await cluster.lean.exchange_many(pool.address, exchanges, MAX_REPLY_BYTES)
             except (OSError, trio.TooSlowError) as e:  # connect failed: the next endpoint
                 cluster.guard.connect_failed(pool, trio.current_time())
                 errors.append(f"{pool.name}: {e or type(e).__name__}")
                 continue
-            except (unary_h2.Closed, unary_h2.StreamReset) as e:  # as StreamReset on the shared path
-                raise RiskFailure(UNAVAILABLE, str(e)) from None
+            except unary_h2.Closed as e:  # as a reset stream on the shared path
+                return [RiskFailure(UNAVAILABLE, str(e))] * n
             except unary_h2.ExchangeFailed as e:  # a protocol error, a reply too long
-                raise RiskFailure(BAD_REPLY, str(e)) from None
+                return [RiskFailure(BAD_REPLY, str(e))] * n
             finally:
-                cluster.stream_done(pool)
+                cluster.stream_done(pool, n)
             # Connect failures count towards ejection; an answer must reset that count.
             cluster.guard.answered(pool, trio.current_time())
-            assert response.head is not None
-            return self._verdict(response.head, response.trailers, bytes(response.data))
+            return [self._outcome(r) for r in responses]
         raise RiskFailure(UNAVAILABLE, "; ".join(errors) or f"cluster '{cluster.name}' has no endpoint to try")
 
-    async def _shared_exchange(self, headers: list[tuple[bytes, bytes]], body: bytes) -> Verdict:
+    def _outcome(self, response: unary_h2.Response) -> Verdict | RiskFailure:
+        if response.error is not None:  # the server reset the stream
+            return RiskFailure(UNAVAILABLE, str(response.error))
+        assert response.head is not None
+        try:
+            return self._verdict(response.head, response.trailers, bytes(response.data))
+        except RiskFailure as e:
+            return e
+
+    async def _shared_exchange(self, headers: list[tuple[bytes, bytes]], body: bytes) -> Verdict | RiskFailure:
         cluster = self.cluster
         pool, link, stream = await cluster.open_stream(headers, False)
         try:
@@ -166,10 +194,13 @@ class RiskClient:
             while chunk := await stream.read():
                 data += chunk
                 if len(data) > MAX_REPLY_BYTES:
-                    raise RiskFailure(BAD_REPLY, f"reply longer than {MAX_REPLY_BYTES} bytes")
+                    return RiskFailure(BAD_REPLY, f"reply longer than {MAX_REPLY_BYTES} bytes")
             stream.release()
             cluster.guard.answered(pool, trio.current_time())
-            return self._verdict(head, stream.trailers, bytes(data))
+            try:
+                return self._verdict(head, stream.trailers, bytes(data))
+            except RiskFailure as e:
+                return e
         finally:
             # As the proxy does with its upstream streams: a finished stream is
             # forgotten, an unfinished one (timeout, bad reply) reset.

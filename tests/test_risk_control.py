@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,8 @@ def test_cache_key_uses_only_the_chosen_fields() -> None:
     ({"cache": {"key": ["body"]}}, "cache.key", "body_bytes is 0"),
     ({"cache": {"size": 5}}, "cache.size", "unknown option"),
     ({"report_queue": 0}, "report_queue", "from 1"),
+    ({"report_batch": 101}, "report_batch", "from 1 to 100"),
+    ({"report_linger": "2s"}, "report_linger", "from 0s to 1s"),
     ({"guard": {"failures": 0}}, "guard.failures", "from 1"),
     ({"guard": {"open_for": "never"}}, "guard.open_for", "duration"),
     ({"retries": 2}, "retries", "unknown option"),
@@ -440,7 +443,7 @@ async def test_report_mode_sends_a_burst_with_several_senders(
     """Checks queued together are sent by up to report_concurrency senders at once, not one."""
     policy.hold_all = True
     app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
-                      report_queue=100, report_concurrency=4)
+                      report_queue=100, report_concurrency=4, report_batch=1)
 
     def burst() -> list[str]:
         with grpc.insecure_channel(f"{HOST}:{listen_port(app)}") as ch:
@@ -463,7 +466,7 @@ async def test_a_burst_after_a_quiet_spell_wakes_the_parked_sender_and_starts_mo
     """Submits in one scheduler tick: a parked sender is woken once; the others start new senders."""
     policy.hold_all = True
     app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
-                      report_queue=100, report_concurrency=4)
+                      report_queue=100, report_concurrency=4, report_batch=1, report_linger="0s")
     f = the_filter(app)
     reporter = f._reporter
     assert reporter is not None
@@ -480,6 +483,40 @@ async def test_a_burst_after_a_quiet_spell_wakes_the_parked_sender_and_starts_mo
     with trio.fail_after(10):
         await f.reports_sent()
     assert policy.seen == 9
+
+
+async def test_report_mode_sends_a_batch_of_checks_together(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    """One sender, a batch of 4: the four checks are in the service at the same time (a barrier
+    of 4 there answers only then), so they went out together, not one after another."""
+    policy.gather = threading.Barrier(4)
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
+                      report_concurrency=1, report_batch=4, report_linger="1s")
+    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None, "deny", None, "review"]) == ["hi"] * 4
+    f = the_filter(app)
+    with trio.fail_after(10):
+        await f.reports_sent()
+    assert (policy.seen, policy.ungathered) == (4, 0)
+    assert [verdicts(app, v, "report") for v in ("allow", "deny", "review")] == [2, 1, 1]
+    assert failures(app, "unavailable") == failures(app, "timeout") == 0
+
+
+async def test_report_mode_batches_fall_back_to_one_by_one_while_the_guard_is_open(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
+                      report_concurrency=1, report_batch=4, report_linger="0.2s", guard={"failures": 1, "open_for": "1h"})
+    port = listen_port(app)
+    f = the_filter(app)
+    assert await trio.to_thread.run_sync(grpc_calls, port, ["fail"]) == ["hi"]
+    with trio.fail_after(10):
+        await f.reports_sent()
+    assert f.guard.is_open
+    assert await trio.to_thread.run_sync(grpc_calls, port, [None] * 3) == ["hi"] * 3
+    with trio.fail_after(10):
+        await f.reports_sent()
+    assert policy.seen == 1 and failures(app, "guard_open") == 3
 
 
 async def test_report_senders_end_after_a_reload_removes_the_filter(

@@ -14,7 +14,9 @@
       unit_header: x-mesh-unit        # the caller's unit when no ticket names one
       cache: {ttl: 10s, max_entries: 10000, key: [principal, path, "header:x-user-id"]}
       report_queue: 1000              # report mode: checks waiting to be sent; full -> dropped, counted
-      report_concurrency: 8           # report mode: checks in flight at once
+      report_concurrency: 8           # report mode: batches in flight at once
+      report_batch: 16                # report mode: checks sent together, as streams of one write (1: one by one)
+      report_linger: 10ms             # report mode: how long a sender waits for a batch to fill (0: never)
       guard: {failures: 5, open_for: 10s}
 
 The check (proto/meshproxy/risk/v1/risk.proto) carries the caller (a
@@ -33,9 +35,14 @@ through, deny answers 403 like a deny (reason label ``risk_failed``).
 
 Report mode never makes a call wait: the check goes into a bounded queue
 (full: dropped and counted) and the call goes on at once; background
-senders send the checks and count and log the verdicts. The senders are
-trio system tasks started on demand, at most ``report_concurrency`` of them,
-each ending after ``IDLE_EXIT`` seconds without work. A filter replaced by a
+senders send the checks and count and log the verdicts. A sender waits up
+to ``report_linger`` for ``report_batch`` checks to gather and sends them
+together, as streams of one write on one connection, so the checks share
+its cost: a check costs the proxy as much CPU as a proxied call's leg, and
+in report mode that CPU, not waiting, is what a call would feel. The
+senders are trio system tasks started on demand, at most
+``report_concurrency`` of them, each ending after ``IDLE_EXIT`` seconds
+without work. A filter replaced by a
 reload gets no new checks, so its senders finish what is queued (each check
 bounded by ``timeout``, the guard dropping the rest if the service is dead)
 and end by themselves; at shutdown trio cancels them with the run. A filter
@@ -100,6 +107,8 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_CACHE_ENTRIES = 1_000_000
 MAX_REPORT_QUEUE = 1_000_000
 MAX_REPORT_CONCURRENCY = 256
+MAX_REPORT_BATCH = 100  # codec/unary_h2.MAX_IN_FLIGHT: streams of one connection
+MAX_REPORT_LINGER = 1.0
 MAX_GUARD_FAILURES = 1000
 # A report sender with nothing to send for this long ends; the next check starts one again.
 IDLE_EXIT = 2.0
@@ -145,6 +154,8 @@ class RiskControlFilter(Filter):
         report_queue: int = 1000,
         report_concurrency: int = 8,
         guard: tuple[int, float] = (5, 10.0),
+        report_batch: int = 16,
+        report_linger: float = 0.01,
     ) -> None:
         self.cluster = cluster
         self.mode = mode
@@ -169,7 +180,8 @@ class RiskControlFilter(Filter):
         self.node_unit = ""
         self._random = random.random
         self._log = RateLimitedLog(log)
-        self._reporter = _Reporter(self, report_queue, report_concurrency) if self.report else None
+        self._reporter = (_Reporter(self, report_queue, report_concurrency, report_batch, report_linger)
+                          if self.report else None)
         self._verdicts: dict[str, Any] = dict.fromkeys(risk.VERDICTS, _NOP)
         self._failures: dict[str, Any] = dict.fromkeys(risk.FAILURE_REASONS, _NOP)
         self._seconds: Any = _NOP
@@ -211,6 +223,8 @@ class RiskControlFilter(Filter):
             cache = (ttl, max_entries, key)
         report_queue = o.get("report_queue", _bounded_int(MAX_REPORT_QUEUE), 1000)
         report_concurrency = o.get("report_concurrency", _bounded_int(MAX_REPORT_CONCURRENCY), 8)
+        report_batch = o.get("report_batch", _bounded_int(MAX_REPORT_BATCH), 16)
+        report_linger = o.get("report_linger", _linger, 0.01)
         g = o.section("guard")
         guard = (g.get("failures", _bounded_int(MAX_GUARD_FAILURES), 5), g.get("open_for", _positive_duration, 10.0))
         g.done()
@@ -220,7 +234,7 @@ class RiskControlFilter(Filter):
         if path and protocol == "grpc":
             raise FilterOptionError("path", "only with protocol: json (the gRPC method is fixed by risk.proto)")
         return cls(cluster, mode, timeout, failure_mode, protocol, path, authority, headers, body_bytes, sample,
-                   unit_header, cache, report_queue, report_concurrency, guard)
+                   unit_header, cache, report_queue, report_concurrency, guard, report_batch, report_linger)
 
     def clusters_named(self) -> list[tuple[str, str, str | None]]:
         return [("cluster", self.cluster, "http2")]  # checks are HTTP/2 (gRPC or JSON), whatever the listener
@@ -316,32 +330,50 @@ class RiskControlFilter(Filter):
         if admission == risk.REFUSED:
             self._failures[risk.GUARD_OPEN].inc()
             return risk.GUARD_OPEN
-        outcome: risk.Verdict | str | None = None
-        detail = ""
+        outcome: risk.Verdict | risk.RiskFailure | None = None
         try:
             try:
                 outcome = await client.check(request, deadline)
             except risk.RiskFailure as e:
-                outcome, detail = e.reason, e.detail
+                outcome = e
             except Exception as e:  # a reply no decoder foresaw: a bad reply, never a failed call
-                log.debug("risk_control: unexpected error from the risk client", exc_info=True)
-                outcome, detail = risk.BAD_REPLY, type(e).__name__
+                outcome = _unforeseen(e)
         finally:
-            end = trio.current_time()
             if outcome is None:  # cancelled: no verdict and no failure
                 self.guard.abandon(admission)
-            else:
-                self._seconds.observe(end - start)
-                ok = not isinstance(outcome, str)
-                if ok or charge_timeout or outcome != risk.TIMEOUT:
-                    self.guard.record(admission, ok, end)
-                else:
-                    self.guard.abandon(admission)
-        if isinstance(outcome, str):
-            self._failures[outcome].inc()
-            self._log.log(logging.WARNING, ("failure", outcome), "listener %s: risk check failed: %s%s%s",
-                          self.listener, outcome, ": " if detail else "", detail)
-        return outcome
+        return self._settle(outcome, admission, start, trio.current_time(), charge_timeout)
+
+    async def consult_many(self, requests: list[risk.CheckRequest], deadline: float) -> list[risk.Verdict | str]:
+        """consult() for a batch, sent together while the guard is closed; one by one otherwise
+        (an open guard refuses them, a half-open one lets one through as its probe)."""
+        client = self.client
+        if client is None or len(requests) == 1 or self.guard.is_open:
+            return [await self.consult(r, deadline) for r in requests]
+        start = trio.current_time()
+        try:
+            outcomes: list[risk.Verdict | risk.RiskFailure] = await client.check_many(requests, deadline)
+        except Exception as e:
+            outcomes = [_unforeseen(e)] * len(requests)
+        end = trio.current_time()
+        return [self._settle(outcome, risk.ADMITTED, start, end, True) for outcome in outcomes]
+
+    def _settle(self, outcome: risk.Verdict | risk.RiskFailure, admission: int, start: float, end: float,
+                charge_timeout: bool) -> risk.Verdict | str:
+        """Count a check's outcome (latency, guard, failures): its verdict, or the failure reason."""
+        self._seconds.observe(end - start)
+        if not isinstance(outcome, risk.RiskFailure):
+            self.guard.record(admission, True, end)
+            return outcome
+        reason = outcome.reason
+        if charge_timeout or reason != risk.TIMEOUT:
+            self.guard.record(admission, False, end)
+        else:
+            self.guard.abandon(admission)
+        self._failures[reason].inc()
+        detail = outcome.detail
+        self._log.log(logging.WARNING, ("failure", reason), "listener %s: risk check failed: %s%s%s",
+                      self.listener, reason, ": " if detail else "", detail)
+        return reason
 
     async def check_request(self, call: Call) -> risk.CheckRequest:
         """What the risk service is told about `call`."""
@@ -423,18 +455,22 @@ class _Reporter:
     """Report mode: a bounded queue of checks and the senders that send them.
 
     ``submit`` never blocks: a full queue drops the check (counted). Senders are
-    trio system tasks, started when a check is queued and no sender is idle,
+    trio system tasks, started when a check is queued and neither an idle
+    sender nor a gathering one (lingering for its batch to fill) will take it,
     at most ``concurrency``; each ends after ``IDLE_EXIT`` seconds without work
     (see the module docstring for why system tasks). A system task's exception
     would end the whole run, so a sender catches every Exception itself.
     """
 
-    def __init__(self, f: RiskControlFilter, size: int, concurrency: int) -> None:
+    def __init__(self, f: RiskControlFilter, size: int, concurrency: int, batch: int, linger: float) -> None:
         self.filter = f
         self.size = size
         self.concurrency = concurrency
+        self.batch = batch
+        self.linger = linger
         self.queue: collections.deque[tuple[risk.CheckRequest, bytes | None]] = collections.deque()
         self.senders = 0
+        self.gathering = 0  # senders lingering for their batch to fill
         self.queued_bytes = 0
         self.in_flight = 0
         self._lot = trio.lowlevel.ParkingLot()
@@ -447,6 +483,8 @@ class _Reporter:
             return False
         self.queue.append((request, key))
         self.queued_bytes += size
+        if len(self.queue) <= self.gathering * self.batch:
+            return True  # a gathering sender takes it with its batch
         # Wake a parked sender if there is one; else start one (up to the cap).
         if not self._lot.unpark() and self.senders < self.concurrency:
             try:
@@ -467,32 +505,42 @@ class _Reporter:
                         await self._lot.park()
                     if waited.cancelled_caught and not self.queue:
                         return
-                request, key = self.queue.popleft()
-                self.queued_bytes -= len(request.body)
-                self.in_flight += 1
+                if self.linger and len(self.queue) < self.batch:
+                    self.gathering += 1
+                    try:
+                        await trio.sleep(self.linger)
+                    finally:
+                        self.gathering -= 1
+                batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
+                if not batch:
+                    continue  # another sender took them
+                self.queued_bytes -= sum(len(request.body) for request, _ in batch)
+                self.in_flight += len(batch)
                 try:
-                    await self._send(request, key)
+                    await self._send(batch)
                 except Exception:
                     log.exception("risk_control: a report sender failed")
                 finally:
-                    self.in_flight -= 1
+                    self.in_flight -= len(batch)
         finally:
             self.senders -= 1
             if not self.queue and not self.in_flight:
                 self._empty.unpark_all()
 
-    async def _send(self, request: risk.CheckRequest, key: bytes | None) -> None:
+    async def _send(self, batch: list[tuple[risk.CheckRequest, bytes | None]]) -> None:
         f = self.filter
-        outcome = await f.consult(request, trio.current_time() + f.timeout)
-        if isinstance(outcome, str):
-            return
-        if key is not None and f.cache is not None:
-            f.cache.put(key, outcome, trio.current_time())
-        f._verdicts[outcome.verdict].inc()
-        if outcome.verdict != risk.ALLOW:
-            f._log.log(logging.INFO, ("report", outcome.verdict),
-                       "listener %s: report mode: risk service says %s for %s %s (reason %s)",
-                       f.listener, outcome.verdict, request.request_id, request.path, outcome.reason or "none")
+        outcomes = await f.consult_many([request for request, _ in batch], trio.current_time() + f.timeout)
+        now = trio.current_time()
+        for (request, key), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, str):
+                continue
+            if key is not None and f.cache is not None:
+                f.cache.put(key, outcome, now)
+            f._verdicts[outcome.verdict].inc()
+            if outcome.verdict != risk.ALLOW:
+                f._log.log(logging.INFO, ("report", outcome.verdict),
+                           "listener %s: report mode: risk service says %s for %s %s (reason %s)",
+                           f.listener, outcome.verdict, request.request_id, request.path, outcome.reason or "none")
 
     async def drained(self) -> None:
         while self.queue or self.in_flight:
@@ -507,6 +555,19 @@ def _timeout(raw: Any) -> float:
     if not 0 < seconds <= MAX_TIMEOUT:
         raise ValueError(f"expected a duration above 0s and at most {MAX_TIMEOUT:g}s, got {raw!r}")
     return seconds
+
+
+def _linger(raw: Any) -> float:
+    seconds = parse_duration(raw)
+    if not 0 <= seconds <= MAX_REPORT_LINGER:
+        raise ValueError(f"expected a duration from 0s to {MAX_REPORT_LINGER:g}s, got {raw!r}")
+    return seconds
+
+
+def _unforeseen(e: Exception) -> risk.RiskFailure:
+    """A reply no decoder foresaw: a bad reply, never a failed call."""
+    log.debug("risk_control: unexpected error from the risk client", exc_info=True)
+    return risk.RiskFailure(risk.BAD_REPLY, type(e).__name__)
 
 
 def _positive_duration(raw: Any) -> float:

@@ -89,13 +89,13 @@ class Cluster:
         """
         return self._lb.pick(self.pools, trio.current_time(), tried)
 
-    def stream_started(self, pool: EndpointPool) -> None:
-        pool.active_requests += 1
-        self._streams_active.inc()
+    def stream_started(self, pool: EndpointPool, n: int = 1) -> None:
+        pool.active_requests += n
+        self._streams_active.inc(n)
 
-    def stream_done(self, pool: EndpointPool) -> None:
-        pool.active_requests -= 1
-        self._streams_active.dec()
+    def stream_done(self, pool: EndpointPool, n: int = 1) -> None:
+        pool.active_requests -= n
+        self._streams_active.dec(n)
 
     def snapshot(self) -> dict[str, object]:
         return {"name": self.name, "lb": self.config.lb, "breaker": self.guard.snapshot(),

@@ -11,7 +11,9 @@ hand-written codec agrees with protoc's. Regenerate risk_pb2.py with:
 The policy decides by the `x-risk` header or metadata the check carries:
 deny, review, bad (a reply with no verdict), hold (answer only once the
 test releases it), fail (gRPC UNAVAILABLE / HTTP 503); anything else is
-allowed. `hold_all` holds every check.
+allowed. `hold_all` holds every check; `gather` (a Barrier) answers a check
+only once that many are in the service at the same time, else counts it in
+`ungathered`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class RiskPolicy:
         self.answered = 0
         self.hold_all = False
         self.release = threading.Event()
+        self.gather: threading.Barrier | None = None
+        self.ungathered = 0
 
     @property
     def seen(self) -> int:
@@ -60,6 +64,12 @@ class RiskPolicy:
         with self._lock:
             self.requests.append(request)
         value = next((h.value for h in request.headers if h.name == "x-risk"), b"").decode()
+        if self.gather is not None:
+            try:
+                self.gather.wait(HOLD_LIMIT / 4)
+            except threading.BrokenBarrierError:
+                with self._lock:
+                    self.ungathered += 1
         try:
             if value == "hold" or self.hold_all:
                 self.release.wait(HOLD_LIMIT)
