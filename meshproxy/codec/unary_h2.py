@@ -27,7 +27,7 @@ from hpack.exceptions import HPACKError
 
 from meshproxy.codec.hpack import LeanDecoder, StatelessEncoder
 
-__all__ = ["PREFACE", "ExchangeFailed", "Response", "StreamRefused", "StreamReset", "UnaryClient"]
+__all__ = ["PREFACE", "ExchangeFailed", "ReplyTooLong", "Response", "StreamRefused", "StreamReset", "UnaryClient"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -64,6 +64,10 @@ class StreamReset(ExchangeFailed):
     """The server reset the stream (RST_STREAM, or GOAWAY below it): that exchange failed, the connection is fine."""
 
 
+class ReplyTooLong(ExchangeFailed):
+    """The reply's body went past max_reply: the stream was reset (CANCEL), the connection is fine."""
+
+
 class StreamRefused(StreamReset):
     """The server did not process the request (RST_STREAM REFUSED_STREAM, or GOAWAY below it): safe to send again."""
 
@@ -74,7 +78,7 @@ class Response:
     data: bytearray = field(default_factory=bytearray)
     trailers: list[tuple[bytes, bytes]] | None = None
     ended: bool = False
-    error: StreamReset | None = None  # the server reset the stream (ended too)
+    error: ExchangeFailed | None = None  # the exchange failed alone: StreamReset, ReplyTooLong (ended too)
 
 
 class _Stream:
@@ -91,7 +95,10 @@ class UnaryClient:
     `data_to_send()`, then feed `receive` until each returned Response is ended,
     sending `data_to_send()` after each call."""
 
-    def __init__(self, max_reply: int, window: int = 1 << 20, max_header_list_size: int = 64 * 1024) -> None:
+    def __init__(self, max_reply: int, window: int = 1 << 20, max_header_list_size: int = 64 * 1024,
+                 max_streams: int = MAX_IN_FLIGHT) -> None:
+        """`max_streams`: the server's SETTINGS_MAX_CONCURRENT_STREAMS as far as known before its
+        SETTINGS arrive (RFC 9113 says unlimited; a client that learned a lower one says so)."""
         self.max_reply = max_reply
         self.window = window
         self._encoder = StatelessEncoder()
@@ -108,17 +115,18 @@ class UnaryClient:
         self._conn_send_window = DEFAULT_WINDOW
         self._peer_initial_window = DEFAULT_WINDOW
         self._peer_frame_max = FRAME_MAX
-        self._peer_max_streams = MAX_IN_FLIGHT
+        self.peer_max_streams = min(max_streams, MAX_IN_FLIGHT)
         self._unacked = 0  # connection-level bytes received and not yet given back
         self._block: bytearray | None = None  # a header block waiting for CONTINUATION
         self._block_stream = 0
         self._block_ends = False
         self.goaway = False
+        self.settings_seen = False  # the server's SETTINGS came: peer_max_streams is its limit, not a guess
 
     @property
     def usable(self) -> bool:
         """Another exchange may start on this connection now."""
-        return not self.goaway and len(self._streams) < self._peer_max_streams and self._next_id <= MAX_STREAM_ID
+        return not self.goaway and len(self._streams) < self.peer_max_streams and self._next_id <= MAX_STREAM_ID
 
     @property
     def idle(self) -> bool:
@@ -129,7 +137,7 @@ class UnaryClient:
         """How many exchanges may start on this connection now (none once it nears the last stream id)."""
         if self.goaway or self._next_id > MAX_STREAM_ID - 2 * MAX_IN_FLIGHT:
             return 0
-        return self._peer_max_streams - len(self._streams)
+        return self.peer_max_streams - len(self._streams)
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -217,6 +225,7 @@ class UnaryClient:
         elif kind == RST_STREAM:
             if len(payload) != 4 or not sid:
                 raise ExchangeFailed(PROTOCOL_ERROR, "bad RST_STREAM")
+            self._opened(sid)
             if sid in self._streams:  # else one already ended (RFC 9113 8.1: nginx resets after its reply)
                 code = int.from_bytes(payload, "big")
                 cls = StreamRefused if code == REFUSED_STREAM else StreamReset
@@ -232,11 +241,16 @@ class UnaryClient:
             raise ExchangeFailed(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
         # PRIORITY and unknown types are ignored (RFC 9113 4.1, 5.5)
 
-    def _fail(self, sid: int, error: StreamReset) -> None:
+    def _fail(self, sid: int, error: ExchangeFailed) -> None:
         stream = self._streams.pop(sid)
         stream.response.error = error
         stream.response.ended = True
         self._completed = stream.response
+
+    def _opened(self, sid: int) -> None:
+        """RFC 9113 5.1: a frame on a stream we never opened (push is off) is a connection error."""
+        if sid >= self._next_id or not sid & 1:
+            raise ExchangeFailed(PROTOCOL_ERROR, f"frame on idle stream {sid}")
 
     def _unpad(self, flags: int, payload: bytes) -> bytes:
         if not flags & PADDED:
@@ -254,13 +268,16 @@ class UnaryClient:
             self._unacked = 0
         stream = self._streams.get(sid)
         if stream is None:
-            return  # a stream we gave up on: its window is given back above
+            self._opened(sid)
+            return  # a stream that ended or that we gave up on: its window is given back above
         r = stream.response
         if r.head is None or r.trailers is not None:
             raise ExchangeFailed(PROTOCOL_ERROR, "DATA outside a response body")
         r.data += self._unpad(flags, payload)
         if len(r.data) > self.max_reply:
-            raise ExchangeFailed(NO_ERROR, f"reply longer than {self.max_reply} bytes")
+            self._out += frame(RST_STREAM, 0, sid, struct.pack("!I", CANCEL))
+            self._fail(sid, ReplyTooLong(CANCEL, f"reply longer than {self.max_reply} bytes"))
+            return
         # The stream window (1 MiB) outlasts any reply within max_reply: no stream WINDOW_UPDATE needed.
         if flags & END_STREAM:
             self._end(sid, stream)
@@ -288,6 +305,7 @@ class UnaryClient:
             raise ExchangeFailed(COMPRESSION_ERROR, f"HPACK: {e}") from None
         stream = self._streams.get(sid)
         if stream is None:
+            self._opened(sid)
             return
         r = stream.response
         if r.head is None:
@@ -295,7 +313,9 @@ class UnaryClient:
             if not status.isdigit() or len(status) != 3:
                 raise ExchangeFailed(PROTOCOL_ERROR, "response without a valid :status")
             if status[:1] == b"1":
-                return  # interim response
+                if self._block_ends:  # RFC 9113 8.1: an interim response cannot end the stream
+                    raise ExchangeFailed(PROTOCOL_ERROR, "interim response with END_STREAM")
+                return
             r.head = fields
         else:
             if not self._block_ends:
@@ -321,6 +341,8 @@ class UnaryClient:
             return
         if len(payload) % 6:
             raise ExchangeFailed(FRAME_SIZE_ERROR, "bad SETTINGS")
+        if not self.settings_seen:
+            self.peer_max_streams = MAX_IN_FLIGHT  # the guess gives way: absent, the limit is none (ours)
         for i in range(0, len(payload), 6):
             key, value = struct.unpack_from("!HI", payload, i)
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
@@ -328,6 +350,8 @@ class UnaryClient:
                     raise ExchangeFailed(FLOW_CONTROL_ERROR, "initial window too large")
                 for stream in self._streams.values():
                     stream.send_window += value - self._peer_initial_window
+                    if stream.send_window > MAX_STREAM_ID:  # RFC 9113 6.9.2
+                        raise ExchangeFailed(FLOW_CONTROL_ERROR, "window over 2^31-1")
                 self._peer_initial_window = value
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 if not FRAME_MAX <= value <= 2**24 - 1:
@@ -335,7 +359,8 @@ class UnaryClient:
                 self._peer_frame_max = value
             elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
                 # Streams already open past a lowered limit go on (the server refuses what it must).
-                self._peer_max_streams = min(value, MAX_IN_FLIGHT)
+                self.peer_max_streams = min(value, MAX_IN_FLIGHT)
+        self.settings_seen = True
         self._out += frame(SETTINGS, ACK, 0)
         self._send_bodies()
 

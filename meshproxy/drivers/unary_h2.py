@@ -27,8 +27,11 @@ import socket
 import trio
 
 from meshproxy.codec.unary_h2 import (
+    CANCEL,
     MAX_IN_FLIGHT,
+    REFUSED_STREAM,
     ExchangeFailed,
+    ReplyTooLong,
     Response,
     StreamRefused,
     StreamReset,
@@ -37,7 +40,8 @@ from meshproxy.codec.unary_h2 import (
 from meshproxy.drivers.transport import connect
 from meshproxy.values import Address
 
-__all__ = ["Closed", "ExchangeFailed", "Response", "StreamRefused", "StreamReset", "UnaryConnections"]
+__all__ = ["Closed", "ExchangeFailed", "ReplyTooLong", "Response", "StreamRefused", "StreamReset", "TimedOut",
+           "UnaryConnections"]
 
 RECV_SIZE = 64 * 1024
 # Idle connections kept per endpoint; more concurrent exchanges than this open
@@ -46,6 +50,8 @@ MAX_IDLE = 16
 # An idle connection older than this is closed rather than reused: servers
 # close idle HTTP/2 connections (nginx after 3 min, grpc-go after its max idle).
 IDLE_TIMEOUT = 30.0
+# Endpoints whose stream limit is remembered; past this the memory starts over (it is only a hint).
+MAX_LIMITS_KEPT = 1024
 
 
 class Closed(ExchangeFailed):
@@ -56,48 +62,70 @@ class _Stale(Closed):
     """A reused connection failed the request's first send: the request was not processed."""
 
 
-class UnaryConnection:
-    __slots__ = ("codec", "idle_since", "sock")
+class TimedOut(ExchangeFailed):
+    """The deadline passed: no connection by then (raised), or no reply (a Response's error)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+
+class UnaryConnection:
+    __slots__ = ("codec", "idle_since", "sock", "timed_out")
+
+    def __init__(self, sock: socket.socket, max_streams: int = MAX_IN_FLIGHT) -> None:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-        self.codec = UnaryClient(0)
+        self.codec = UnaryClient(0, max_streams=max_streams)
         self.idle_since = 0.0
+        self.timed_out = False  # a reply is still owed: the connection is not reused
 
     async def exchange(self, requests: list[tuple[list[tuple[bytes, bytes]], bytes]], max_reply: int,
-                       reused: bool) -> list[Response]:
-        """Send `requests` (headers, body) as streams at once; their Responses once all have ended.
+                       reused: bool, deadline: float) -> list[Response]:
+        """Send `requests` (headers, body) as streams, as many at once as the server allows,
+        the rest as streams end; their Responses once all have ended or `deadline` passed.
 
-        A stream the server reset ends with its Response's `error`; a failed
-        connection raises (Closed, ExchangeFailed)."""
+        A stream that failed alone ends with its Response's `error` (a reset, a
+        reply too long, TimedOut at the deadline, StreamRefused if a GOAWAY left
+        it unsent); a failed connection raises (Closed, ExchangeFailed)."""
         codec = self.codec
         codec.max_reply = max_reply
-        responses = [codec.request(headers, body) for headers, body in requests]
-        try:
-            await self._send(codec.data_to_send())
-        except Closed as e:
-            raise (_Stale(e.code, str(e)) if reused else e) from None
-        while not codec.idle:  # the connection carries this batch only: idle once every stream ended
-            # The reply cannot be here the moment the request left: wait first, then read.
-            await trio.lowlevel.wait_readable(self.sock)
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                continue
-            except OSError as e:
-                raise Closed(0, _error("recv", e)) from None
-            if not data:
-                raise Closed(0, "connection closed by the server")
-            codec.receive(data)
-            out = codec.data_to_send()
-            if out:
-                await self._send(out)
-        return responses
+        responses: list[Response] = []
+        n = len(requests)
+        stale = reused  # a reused connection that takes none of the first bytes: nothing was processed
+        with trio.move_on_at(deadline):
+            while True:
+                while len(responses) < n and codec.usable:
+                    headers, body = requests[len(responses)]
+                    responses.append(codec.request(headers, body))
+                out = codec.data_to_send()
+                if out:
+                    await self._send(out, stale)
+                    stale = False
+                if codec.idle:
+                    if len(responses) == n:
+                        return responses
+                    if codec.goaway:  # the rest can never start here, and were never sent
+                        refused = StreamRefused(REFUSED_STREAM, "GOAWAY: the request was not sent")
+                        return responses + [Response(ended=True, error=refused) for _ in range(n - len(responses))]
+                # The reply cannot be here the moment the request left: wait first, then read.
+                await trio.lowlevel.wait_readable(self.sock)
+                try:
+                    data = self.sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    raise Closed(0, _error("recv", e)) from None
+                if not data:
+                    raise Closed(0, "connection closed by the server")
+                codec.receive(data)
+        # The deadline passed: what ended stands, the rest times out, and the connection is not reused.
+        self.timed_out = True
+        late = TimedOut(CANCEL, "no reply by the deadline")
+        for response in responses:
+            if not response.ended:
+                response.error, response.ended = late, True
+        return responses + [Response(ended=True, error=late) for _ in range(n - len(responses))]
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, stale: bool) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -105,7 +133,8 @@ class UnaryConnection:
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self.sock)
             except OSError as e:
-                raise Closed(0, _error("send", e)) from None
+                cls = _Stale if stale and len(view) == len(data) else Closed
+                raise cls(0, _error("send", e)) from None
 
     def looks_open(self) -> bool:
         """No EOF or error waiting on the socket (bytes waiting, such as a PING, are fine)."""
@@ -134,82 +163,83 @@ class UnaryConnections:
     def __init__(self, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
         self._idle: dict[Address, collections.deque[UnaryConnection]] = {}
-        self.busy = 0  # exchanges (or batches) in progress, each on a connection of its own
+        # Each endpoint's SETTINGS_MAX_CONCURRENT_STREAMS, as its last connection said: a new
+        # connection starts no more streams than that before the server's SETTINGS arrive.
+        self._limits: dict[Address, int] = {}
+        self.busy = 0  # exchanges (a batch each) in progress, each on a connection of its own
         self._closed = False  # the cluster is gone: connections are closed after use, not kept
 
-    async def exchange(self, address: Address, headers: list[tuple[bytes, bytes]], body: bytes,
-                       max_reply: int) -> Response:
-        """The response from `address`, its body at most `max_reply` bytes.
-
-        Raises OSError / trio.TooSlowError (connect), ExchangeFailed, or the
-        StreamReset with which the server ended the stream.
-        """
-        request = [(headers, body)]
-        self.busy += 1
-        try:
-            (response,) = await self._exchange(address, request, max_reply)
-            if isinstance(response.error, StreamRefused):  # not processed: once more, as exchange_many does
-                (response,) = await self._exchange(address, request, max_reply, fresh=True)
-        finally:
-            self.busy -= 1
-        if response.error is not None:
-            raise response.error
-        return response
-
     async def exchange_many(self, address: Address, requests: list[tuple[list[tuple[bytes, bytes]], bytes]],
-                            max_reply: int) -> list[Response]:
-        """The responses from `address` to `requests`, sent at once on one connection
-        (at most MAX_IN_FLIGHT of them). A stream the server reset ends with its
-        Response's `error`; a refused one (not processed) is sent once more on a
-        fresh connection first. Raises OSError / trio.TooSlowError (connect) or
-        ExchangeFailed for the connection.
+                            max_reply: int, deadline: float) -> list[Response]:
+        """The responses from `address` to `requests` (at most MAX_IN_FLIGHT), sent on one
+        connection, by the trio time `deadline`.
+
+        A stream that failed alone ends with its Response's `error`; a refused
+        one (not processed) is sent once more on a fresh connection first, and
+        stays refused if that fails. Raises, for the whole batch: OSError /
+        trio.TooSlowError (connect), TimedOut (no connection by the deadline),
+        or ExchangeFailed (the connection failed).
         """
         if not 0 < len(requests) <= MAX_IN_FLIGHT:
             raise ValueError(f"a batch is 1 to {MAX_IN_FLIGHT} requests, not {len(requests)}")
         self.busy += 1
         try:
-            responses = await self._exchange(address, requests, max_reply)
+            responses = await self._exchange(address, requests, max_reply, deadline)
             refused = [i for i, r in enumerate(responses) if isinstance(r.error, StreamRefused)]
-            if refused:  # not processed (a GOAWAY below them, a server at its stream limit): once more
-                again = await self._exchange(address, [requests[i] for i in refused], max_reply, fresh=True)
-                for i, response in zip(refused, again, strict=True):
-                    responses[i] = response
+            if refused:
+                try:
+                    again = await self._exchange(address, [requests[i] for i in refused], max_reply, deadline,
+                                                 fresh=True)
+                except (OSError, trio.TooSlowError, ExchangeFailed):
+                    pass  # the first round's answers stand; the refused stay refused
+                else:
+                    for i, response in zip(refused, again, strict=True):
+                        responses[i] = response
             return responses
         finally:
             self.busy -= 1
 
     async def _exchange(self, address: Address, requests: list[tuple[list[tuple[bytes, bytes]], bytes]],
-                        max_reply: int, fresh: bool = False) -> list[Response]:
+                        max_reply: int, deadline: float, fresh: bool = False) -> list[Response]:
         idle = self._idle.setdefault(address, collections.deque())
         now = trio.current_time()
         while idle and now - idle[0].idle_since >= IDLE_TIMEOUT:
             idle.popleft().close()  # the oldest first: after a burst, the extra ones age out
         while idle and not fresh:
             conn = idle.pop()  # the most recently used: the likeliest still open
-            if conn.codec.room() >= len(requests) and conn.looks_open():
+            if conn.codec.usable and conn.looks_open():
                 try:
-                    return await self._run(conn, idle, requests, max_reply, True)
+                    return await self._run(address, conn, idle, requests, max_reply, deadline, True)
                 except _Stale:
                     break  # not processed: once more, on a fresh connection
             conn.close()
         a = address
-        sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
+        sock = None
+        with trio.move_on_at(deadline):
+            sock = await connect(a.kind, a.host, a.port, a.path, self.connect_timeout)
+        if sock is None:
+            raise TimedOut(CANCEL, "no connection by the deadline")
         try:
-            conn = UnaryConnection(sock)
+            conn = UnaryConnection(sock, self._limits.get(address, MAX_IN_FLIGHT))
         except BaseException:
             sock.close()
             raise
-        return await self._run(conn, idle, requests, max_reply, False)
+        return await self._run(address, conn, idle, requests, max_reply, deadline, False)
 
-    async def _run(self, conn: UnaryConnection, idle: collections.deque[UnaryConnection],
-                   requests: list[tuple[list[tuple[bytes, bytes]], bytes]], max_reply: int,
+    async def _run(self, address: Address, conn: UnaryConnection, idle: collections.deque[UnaryConnection],
+                   requests: list[tuple[list[tuple[bytes, bytes]], bytes]], max_reply: int, deadline: float,
                    reused: bool) -> list[Response]:
         try:
-            responses = await conn.exchange(requests, max_reply, reused)
-        except BaseException:  # a failure or a cancelled (timed out) exchange: the state is unknown
+            responses = await conn.exchange(requests, max_reply, reused, deadline)
+        except BaseException:  # a failed or cancelled exchange: the state is unknown
             conn.close()
             raise
-        if conn.codec.usable and len(idle) < MAX_IDLE and not self._closed:
+        finally:
+            if conn.codec.settings_seen:
+                if len(self._limits) >= MAX_LIMITS_KEPT:
+                    self._limits.clear()
+                self._limits[address] = conn.codec.peer_max_streams
+        if conn.codec.usable and not conn.timed_out and len(idle) < MAX_IDLE and not self._closed:
             conn.idle_since = trio.current_time()
             idle.append(conn)
         else:

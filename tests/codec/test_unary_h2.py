@@ -10,6 +10,7 @@ a real server below.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from typing import Any
@@ -23,8 +24,14 @@ import trio
 from h2.errors import ErrorCodes
 
 from meshproxy.codec import unary_h2
-from meshproxy.codec.unary_h2 import ExchangeFailed, StreamRefused, StreamReset, UnaryClient
-from meshproxy.drivers.unary_h2 import UnaryConnections
+from meshproxy.codec.unary_h2 import (
+    ExchangeFailed,
+    ReplyTooLong,
+    StreamRefused,
+    StreamReset,
+    UnaryClient,
+)
+from meshproxy.drivers.unary_h2 import TimedOut, UnaryConnections
 from meshproxy.values import Address
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"risk"), (b":path", b"/check"),
@@ -179,8 +186,12 @@ def test_bounds_reply_size_frame_size_and_push() -> None:
     s, c, _ = start()
     s.send_headers(1, [(b":status", b"200")])
     s.send_data(1, b"x" * 1001)
-    with pytest.raises(ExchangeFailed, match="longer than 1000"):
-        c.receive(s.data_to_send())
+    r = c.receive(s.data_to_send())  # too long: that stream is reset (CANCEL), the connection goes on
+    assert r is not None and isinstance(r.error, ReplyTooLong) and c.usable
+    wire = c.data_to_send()
+    assert wire[3] == unary_h2.RST_STREAM and int.from_bytes(wire[9:13], "big") == unary_h2.CANCEL
+    s.send_data(1, b"more", end_stream=True)  # what was on its way is dropped, its window given back
+    assert c.receive(s.data_to_send()) is None
     c = UnaryClient(max_reply=1000)
     c.request(REQUEST, b"")
     with pytest.raises(ExchangeFailed) as e:
@@ -194,6 +205,21 @@ def test_bounds_reply_size_frame_size_and_push() -> None:
     c.request(REQUEST, b"")
     with pytest.raises(ExchangeFailed, match=":status"):
         c.receive(unary_h2.frame(unary_h2.HEADERS, unary_h2.END_HEADERS | unary_h2.END_STREAM, 1, b"\x82"))
+
+
+@pytest.mark.parametrize("wire", [
+    unary_h2.frame(unary_h2.HEADERS, unary_h2.END_HEADERS, 3, b"\x88"),  # stream 3 was never opened
+    unary_h2.frame(unary_h2.DATA, 0, 5, b"x"),
+    unary_h2.frame(unary_h2.RST_STREAM, 0, 2, b"\0\0\0\0"),  # an even id: the server's, and push is off
+    # RFC 9113 8.1: an interim response cannot end the stream (:status 103, static-name literal).
+    unary_h2.frame(unary_h2.HEADERS, unary_h2.END_HEADERS | unary_h2.END_STREAM, 1, b"\x08\x03103"),
+])
+def test_frames_on_streams_never_opened_and_a_final_interim_reply_are_protocol_errors(wire: bytes) -> None:
+    c = UnaryClient(max_reply=1000)
+    c.request(REQUEST, b"")
+    with pytest.raises(ExchangeFailed) as e:
+        c.receive(wire)
+    assert e.value.code == unary_h2.PROTOCOL_ERROR and not isinstance(e.value, StreamReset)
 
 
 def test_a_batch_of_exchanges_with_interleaved_replies_and_one_reset() -> None:
@@ -253,28 +279,50 @@ def test_the_servers_stream_limit_bounds_the_exchanges_in_flight() -> None:
 # -- the driver, with a real server on a socket
 
 
-async def serve_h2(listener: socket.socket, replies_per_connection: int, seen: list[int]) -> None:
-    """An h2 server: answers `replies_per_connection` requests per connection, then closes it."""
-    while True:
-        await trio.lowlevel.wait_readable(listener)
-        sock, _ = listener.accept()
-        conn = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        s = server()
+async def serve_h2(listener: socket.socket, replies_per_connection: int, seen: list[int], max_streams: int = 100,
+                   refuse: frozenset[tuple[int, int]] = frozenset(), hold: frozenset[tuple[int, int]] = frozenset(),
+                   first_replies: int | None = None) -> None:
+    """An h2 server: answers `replies_per_connection` requests per connection (`first_replies` on
+    the first), then closes it; connections are served at once.
+
+    Stream limit `max_streams` (h2 fails the connection if a client goes past it); the
+    (connection number, stream id) pairs in `refuse` get RST_STREAM REFUSED_STREAM, those in
+    `hold` no reply at all."""
+
+    async def serve(number: int, conn: trio.SocketStream) -> None:
+        s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        s.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+        s.initiate_connection()
         answered = 0
+        limit = first_replies if number == 1 and first_replies is not None else replies_per_connection
         async with conn:
             await conn.send_all(s.data_to_send())
-            while answered < replies_per_connection:
+            while answered < limit:
                 data = await conn.receive_some(65536)
                 if not data:
                     break
                 for e in s.receive_data(data):
                     if isinstance(e, h2.events.StreamEnded):
+                        if (number, e.stream_id) in refuse:
+                            s.reset_stream(e.stream_id, ErrorCodes.REFUSED_STREAM)
+                            continue
                         seen.append(e.stream_id)
+                        if (number, e.stream_id) in hold:
+                            continue
                         s.send_headers(e.stream_id, [(b":status", b"200")])
                         s.send_data(e.stream_id, b"ok", end_stream=True)
                         answered += 1
                 await conn.send_all(s.data_to_send())
             await trio.sleep(0.05)  # the reply is read before the close
+
+    async with trio.open_nursery() as nursery:
+        connections = 0
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            sock, _ = listener.accept()
+            connections += 1
+            nursery.start_soon(serve, connections, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
 
 
 async def test_the_driver_reuses_a_connection_and_retries_once_when_the_server_closed_it() -> None:
@@ -286,8 +334,8 @@ async def test_the_driver_reuses_a_connection_and_retries_once_when_the_server_c
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2, listener, 2, seen)
         for _ in range(5):
-            r = await lean.exchange(address, REQUEST, b"{}", 1000)
-            assert r.head == [(b":status", b"200")] and bytes(r.data) == b"ok"
+            (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, trio.current_time() + 5)
+            assert r.head == [(b":status", b"200")] and bytes(r.data) == b"ok" and r.error is None
             await trio.sleep(0.1)  # the server closes after its second reply; the next one finds out
         assert lean.busy == 0
         lean.close()
@@ -306,16 +354,76 @@ async def test_the_driver_sends_a_batch_as_streams_of_one_connection() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2, listener, 100, seen)
         for n in (4, 3):
-            responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * n, 1000)
+            responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * n, 1000, trio.current_time() + 5)
             assert [bytes(r.data) for r in responses] == [b"ok"] * n
             assert all(r.ended and r.error is None for r in responses)
         assert lean.busy == 0
         with pytest.raises(ValueError, match="batch"):
-            await lean.exchange_many(address, [], 1000)
+            await lean.exchange_many(address, [], 1000, trio.current_time() + 5)
         lean.close()
         nursery.cancel_scope.cancel()
     listener.close()
     assert sorted(seen) == [1, 3, 5, 7, 9, 11, 13]  # one connection, reused for the second batch
+
+
+async def test_a_batch_keeps_to_the_stream_limit_the_endpoint_named_before() -> None:
+    """The server allows 2 streams and closes its first connection after one reply: that connection
+    learns the limit; the next batch of 5 opens a fresh connection and starts 2 streams, then one
+    more as each ends (h2 would fail the connection had a third been open at once)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
+    seen: list[int] = []
+    lean = UnaryConnections(1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(serve_h2, listener, 100, seen, 2, first_replies=1))
+        (first,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, trio.current_time() + 5)
+        assert first.error is None
+        await trio.sleep(0.1)
+        responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * 5, 1000, trio.current_time() + 5)
+        assert [(bytes(r.data), r.error) for r in responses] == [(b"ok", None)] * 5
+        lean.close()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert seen == [1, 1, 3, 5, 7, 9]  # one reply on the first connection, five on the second
+
+
+async def test_refused_streams_go_once_more_on_a_fresh_connection() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
+    seen: list[int] = []
+    lean = UnaryConnections(1.0)
+    async with trio.open_nursery() as nursery:
+        # Connection 1 refuses stream 3; connection 2 refuses stream 1 (the retry), so that one
+        # stays refused; the answered ones are never sent again.
+        nursery.start_soon(serve_h2, listener, 100, seen, 100, frozenset({(1, 3), (1, 5), (2, 1)}))
+        responses = await lean.exchange_many(address, [(REQUEST, b"a")] * 3, 1000, trio.current_time() + 5)
+        assert responses[0].error is None and responses[2].error is None
+        assert isinstance(responses[1].error, StreamRefused)
+        lean.close()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert seen == [1, 3]  # connection 1 answered stream 1; connection 2 answered stream 3 (the second retry)
+
+
+async def test_at_the_deadline_the_answered_streams_stand_and_the_connection_is_dropped() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
+    seen: list[int] = []
+    lean = UnaryConnections(1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h2, listener, 100, seen, 100, frozenset(), frozenset({(1, 3)}))
+        responses = await lean.exchange_many(address, [(REQUEST, b"a")] * 2, 1000, trio.current_time() + 0.3)
+        assert responses[0].error is None and bytes(responses[0].data) == b"ok"
+        assert isinstance(responses[1].error, TimedOut)
+        (again,) = await lean.exchange_many(address, [(REQUEST, b"b")], 1000, trio.current_time() + 5)
+        assert again.error is None
+        lean.close()
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert seen == [1, 3, 1]  # the late connection was not reused
 
 
 async def test_the_driver_speaks_over_a_unix_socket(tmp_path: Any) -> None:
@@ -329,7 +437,8 @@ async def test_the_driver_speaks_over_a_unix_socket(tmp_path: Any) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_h2, listener, 10, seen)
         for _ in range(2):
-            r = await lean.exchange(Address("unix", path=path), REQUEST, b"{}", 1000)
+            (r,) = await lean.exchange_many(Address("unix", path=path), [(REQUEST, b"{}")], 1000,
+                                            trio.current_time() + 5)
             assert bytes(r.data) == b"ok"
         lean.close()
         nursery.cancel_scope.cancel()
