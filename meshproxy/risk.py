@@ -65,8 +65,9 @@ FAILURE_REASONS = (TIMEOUT, UNAVAILABLE, BAD_REPLY, GUARD_OPEN)
 # A CheckResponse is a verdict and a short reason; a reply past this is not one,
 # and reading it whole would let a broken risk service make us buffer anything.
 MAX_REPLY_BYTES = 64 * 1024
-# Checks in flight on lean connections (one connection each); past this, checks
-# share the cluster's multiplexed connections instead of opening more.
+# Exchanges (a check, or a report batch) in flight on lean connections, one
+# connection each; past this, checks share the cluster's pooled connections
+# instead of opening more.
 LEAN_MAX_BUSY = 64
 _UNAVAILABLE_HTTP = (429, 502, 503, 504)
 _UNAVAILABLE_GRPC = (status.UNAVAILABLE, status.RESOURCE_EXHAUSTED)
@@ -84,14 +85,14 @@ class RiskFailure(Exception):
 class RiskClient:
     """Sends CheckRequests to the risk service's cluster, one HTTP/2 stream each.
 
-    To a plaintext endpoint a check goes over a lean connection of its own
-    (drivers/unary_h2.py: the checking task sends and reads, one exchange per
-    connection at a time), picked by the cluster's load balancer and counted
-    in its active requests. Through the proxy's shared h2 connections (a
-    reader task, a writer task and h2's state machine per check) enforce mode
-    added 507 µs beyond the risk service at c=1, through lean ones 245-334 µs
-    (bench/README.md). TLS endpoints, and checks past LEAN_MAX_BUSY, use the
-    shared connections.
+    To a plaintext endpoint a check, or a batch of them (report mode), goes
+    over a lean connection of its own (drivers/unary_h2.py: the checking task
+    sends and reads; a batch's checks are streams of one write), picked by
+    the cluster's load balancer and counted in its active requests. Through
+    the proxy's shared h2 connections (a reader task, a writer task and h2's
+    state machine per check) enforce mode added 507 µs beyond the risk
+    service at c=1; bench/README.md has what the lean path adds now. TLS
+    endpoints, and exchanges past LEAN_MAX_BUSY, use the shared connections.
     """
 
     def __init__(self, cluster: Cluster, protocol: str, path: str, authority: str) -> None:
@@ -119,20 +120,15 @@ class RiskClient:
         """Each check's verdict or RiskFailure, all by `deadline`.
 
         Over a lean connection the checks go out as streams of one write and
-        share its cost (report mode's batches). To a TLS endpoint, or past
-        LEAN_MAX_BUSY, they go one after another over the shared connections.
+        share its cost (report mode's batches); one that is late or reset
+        fails alone. To a TLS endpoint, or past LEAN_MAX_BUSY, they go at once
+        over the shared connections, each failing alone too.
         """
         exchanges = [self._encode(r, deadline) for r in requests]
-        with trio.move_on_at(deadline):
-            try:
-                return await self._exchange(exchanges)
-            except RiskFailure as e:
-                return [e] * len(requests)
-            except ProxyError as e:  # no endpoint took the stream (down, overflow)
-                return [RiskFailure(UNAVAILABLE, e.message)] * len(requests)
-            except StreamReset as e:
-                return [RiskFailure(UNAVAILABLE, str(e))] * len(requests)
-        return [RiskFailure(TIMEOUT)] * len(requests)
+        try:
+            return await self._exchange(exchanges, deadline)
+        except RiskFailure as e:
+            return [e] * len(requests)
 
     def _encode(self, request: CheckRequest, deadline: float) -> tuple[list[tuple[bytes, bytes]], bytes]:
         if self.grpc:
@@ -146,7 +142,7 @@ class RiskClient:
             headers.append((b"x-request-id", request.request_id.encode("latin-1", "replace")))
         return headers, body
 
-    async def _exchange(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]]
+    async def _exchange(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float
                         ) -> list[Verdict | RiskFailure]:
         cluster = self.cluster
         n = len(exchanges)
@@ -156,18 +152,20 @@ class RiskClient:
             tried.add(i)
             pool = cluster.pools[i]
             if pool.tls is not None or cluster.lean.busy >= LEAN_MAX_BUSY:
-                return [await self._shared_exchange(headers, body) for headers, body in exchanges]
+                return await self._shared_many(exchanges, deadline)
             cluster.stream_started(pool, n)
             try:
-                responses = await cluster.lean.exchange_many(pool.address, exchanges, MAX_REPLY_BYTES)
+                responses = await cluster.lean.exchange_many(pool.address, exchanges, MAX_REPLY_BYTES, deadline)
+            except unary_h2.TimedOut:
+                raise RiskFailure(TIMEOUT) from None
             except (OSError, trio.TooSlowError) as e:  # connect failed: the next endpoint
                 cluster.guard.connect_failed(pool, trio.current_time())
                 errors.append(f"{pool.name}: {e or type(e).__name__}")
                 continue
             except unary_h2.Closed as e:  # as a reset stream on the shared path
-                return [RiskFailure(UNAVAILABLE, str(e))] * n
-            except unary_h2.ExchangeFailed as e:  # a protocol error, a reply too long
-                return [RiskFailure(BAD_REPLY, str(e))] * n
+                raise RiskFailure(UNAVAILABLE, str(e)) from None
+            except unary_h2.ExchangeFailed as e:  # a protocol error
+                raise RiskFailure(BAD_REPLY, str(e)) from None
             finally:
                 cluster.stream_done(pool, n)
             # Connect failures count towards ejection; an answer must reset that count.
@@ -176,13 +174,38 @@ class RiskClient:
         raise RiskFailure(UNAVAILABLE, "; ".join(errors) or f"cluster '{cluster.name}' has no endpoint to try")
 
     def _outcome(self, response: unary_h2.Response) -> Verdict | RiskFailure:
-        if response.error is not None:  # the server reset the stream
-            return RiskFailure(UNAVAILABLE, str(response.error))
+        error = response.error
+        if error is not None:
+            if isinstance(error, unary_h2.TimedOut):
+                return RiskFailure(TIMEOUT)
+            reason = BAD_REPLY if isinstance(error, unary_h2.ReplyTooLong) else UNAVAILABLE
+            return RiskFailure(reason, str(error))
         assert response.head is not None
         try:
             return self._verdict(response.head, response.trailers, bytes(response.data))
         except RiskFailure as e:
             return e
+
+    async def _shared_many(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float
+                           ) -> list[Verdict | RiskFailure]:
+        results: list[Verdict | RiskFailure] = [RiskFailure(TIMEOUT)] * len(exchanges)
+
+        async def one(i: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+            try:
+                results[i] = await self._shared_exchange(headers, body)
+            except ProxyError as e:  # no endpoint took the stream (down, overflow)
+                results[i] = RiskFailure(UNAVAILABLE, e.message)
+            except StreamReset as e:
+                results[i] = RiskFailure(UNAVAILABLE, str(e))
+
+        with trio.move_on_at(deadline):
+            if len(exchanges) == 1:
+                await one(0, *exchanges[0])
+            else:
+                async with trio.open_nursery() as nursery:
+                    for i, (headers, body) in enumerate(exchanges):
+                        nursery.start_soon(one, i, headers, body)
+        return results
 
     async def _shared_exchange(self, headers: list[tuple[bytes, bytes]], body: bytes) -> Verdict | RiskFailure:
         cluster = self.cluster

@@ -519,6 +519,42 @@ async def test_report_mode_batches_fall_back_to_one_by_one_while_the_guard_is_op
     assert policy.seen == 1 and failures(app, "guard_open") == 3
 
 
+async def test_a_late_check_in_a_batch_times_out_alone(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="500ms",
+                      report_concurrency=1, report_batch=3, report_linger="1s", guard={"failures": 1, "open_for": "1h"})
+    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None, "hold", "deny"]) == ["hi"] * 3
+    f = the_filter(app)
+    with trio.fail_after(10):
+        await f.reports_sent()
+    policy.release.set()
+    assert [verdicts(app, v, "report") for v in ("allow", "deny")] == [1, 1]
+    assert failures(app, "timeout") == 1
+    assert not f.guard.is_open  # the batch got verdicts: one attempt, a success
+
+
+async def test_a_half_open_guard_probes_with_one_check_then_sends_the_rest_together(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
+                      report_concurrency=1, report_batch=3, report_linger="1s",
+                      guard={"failures": 1, "open_for": "200ms"})
+    port = listen_port(app)
+    f = the_filter(app)
+    assert await trio.to_thread.run_sync(grpc_calls, port, ["fail"]) == ["hi"]
+    with trio.fail_after(10):
+        await f.reports_sent()
+    assert f.guard.is_open
+    await trio.sleep(0.3)  # past open_for: the next check is the probe
+    policy.gather = threading.Barrier(2)  # the two after the probe are in the service together
+    assert await trio.to_thread.run_sync(grpc_calls, port, ["solo", None, None]) == ["hi"] * 3
+    with trio.fail_after(10):
+        await f.reports_sent()
+    assert not f.guard.is_open and verdicts(app, "allow", "report") == 3
+    assert (failures(app, "guard_open"), policy.seen, policy.ungathered) == (0, 4, 0)
+
+
 async def test_report_senders_end_after_a_reload_removes_the_filter(
     nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
     monkeypatch: pytest.MonkeyPatch,

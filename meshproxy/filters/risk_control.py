@@ -343,29 +343,46 @@ class RiskControlFilter(Filter):
                 self.guard.abandon(admission)
         return self._settle(outcome, admission, start, trio.current_time(), charge_timeout)
 
-    async def consult_many(self, requests: list[risk.CheckRequest], deadline: float) -> list[risk.Verdict | str]:
-        """consult() for a batch, sent together while the guard is closed; one by one otherwise
-        (an open guard refuses them, a half-open one lets one through as its probe)."""
+    async def consult_many(self, requests: list[risk.CheckRequest]) -> list[risk.Verdict | str]:
+        """consult() for a batch, each bounded by `timeout`: sent together while the guard is closed.
+
+        The guard counts a batch as one attempt, a success if any check got a
+        verdict: a failure that hits the whole batch (a timeout, a dead
+        service) is one failure, not as many as there were checks. While the
+        guard is open the first check goes alone (refused, or the half-open
+        probe); the rest go together if that closed the guard, else one by one.
+        """
         client = self.client
-        if client is None or len(requests) == 1 or self.guard.is_open:
-            return [await self.consult(r, deadline) for r in requests]
+        if client is None or len(requests) == 1:
+            return [await self.consult(r, trio.current_time() + self.timeout) for r in requests]
+        first: list[risk.Verdict | str] = []
+        if self.guard.is_open:
+            first = [await self.consult(requests[0], trio.current_time() + self.timeout)]
+            requests = requests[1:]
+            if self.guard.is_open or len(requests) == 1:
+                return first + [await self.consult(r, trio.current_time() + self.timeout) for r in requests]
         start = trio.current_time()
         try:
-            outcomes: list[risk.Verdict | risk.RiskFailure] = await client.check_many(requests, deadline)
+            outcomes: list[risk.Verdict | risk.RiskFailure] = await client.check_many(requests, start + self.timeout)
         except Exception as e:
             outcomes = [_unforeseen(e)] * len(requests)
         end = trio.current_time()
-        return [self._settle(outcome, risk.ADMITTED, start, end, True) for outcome in outcomes]
+        self.guard.record(risk.ADMITTED, any(not isinstance(o, risk.RiskFailure) for o in outcomes), end)
+        return first + [self._settle(outcome, None, start, end, True) for outcome in outcomes]
 
-    def _settle(self, outcome: risk.Verdict | risk.RiskFailure, admission: int, start: float, end: float,
+    def _settle(self, outcome: risk.Verdict | risk.RiskFailure, admission: int | None, start: float, end: float,
                 charge_timeout: bool) -> risk.Verdict | str:
-        """Count a check's outcome (latency, guard, failures): its verdict, or the failure reason."""
+        """Count a check's outcome (latency, failures; the guard unless `admission` is None, a batch's
+        check): its verdict, or the failure reason."""
         self._seconds.observe(end - start)
         if not isinstance(outcome, risk.RiskFailure):
-            self.guard.record(admission, True, end)
+            if admission is not None:
+                self.guard.record(admission, True, end)
             return outcome
         reason = outcome.reason
-        if charge_timeout or reason != risk.TIMEOUT:
+        if admission is None:
+            pass
+        elif charge_timeout or reason != risk.TIMEOUT:
             self.guard.record(admission, False, end)
         else:
             self.guard.abandon(admission)
@@ -474,6 +491,7 @@ class _Reporter:
         self.queued_bytes = 0
         self.in_flight = 0
         self._lot = trio.lowlevel.ParkingLot()
+        self._full = trio.lowlevel.ParkingLot()  # gathering senders, woken when a batch is full
         self._empty = trio.lowlevel.ParkingLot()
 
     def submit(self, request: risk.CheckRequest, key: bytes | None) -> bool:
@@ -484,6 +502,8 @@ class _Reporter:
         self.queue.append((request, key))
         self.queued_bytes += size
         if len(self.queue) <= self.gathering * self.batch:
+            if len(self.queue) % self.batch == 0:
+                self._full.unpark()  # a batch is full: its sender need not linger on
             return True  # a gathering sender takes it with its batch
         # Wake a parked sender if there is one; else start one (up to the cap).
         if not self._lot.unpark() and self.senders < self.concurrency:
@@ -508,7 +528,8 @@ class _Reporter:
                 if self.linger and len(self.queue) < self.batch:
                     self.gathering += 1
                     try:
-                        await trio.sleep(self.linger)
+                        with trio.move_on_after(self.linger):
+                            await self._full.park()
                     finally:
                         self.gathering -= 1
                 batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
@@ -529,7 +550,7 @@ class _Reporter:
 
     async def _send(self, batch: list[tuple[risk.CheckRequest, bytes | None]]) -> None:
         f = self.filter
-        outcomes = await f.consult_many([request for request, _ in batch], trio.current_time() + f.timeout)
+        outcomes = await f.consult_many([request for request, _ in batch])
         now = trio.current_time()
         for (request, key), outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, str):

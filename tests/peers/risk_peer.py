@@ -12,8 +12,8 @@ The policy decides by the `x-risk` header or metadata the check carries:
 deny, review, bad (a reply with no verdict), hold (answer only once the
 test releases it), fail (gRPC UNAVAILABLE / HTTP 503); anything else is
 allowed. `hold_all` holds every check; `gather` (a Barrier) answers a check
-only once that many are in the service at the same time, else counts it in
-`ungathered`.
+(but one marked solo) only once that many are in the service at the same
+time, else counts it in `ungathered`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class RiskPolicy:
         with self._lock:
             self.requests.append(request)
         value = next((h.value for h in request.headers if h.name == "x-risk"), b"").decode()
-        if self.gather is not None:
+        if self.gather is not None and value != "solo":
             try:
                 self.gather.wait(HOLD_LIMIT / 4)
             except threading.BrokenBarrierError:
