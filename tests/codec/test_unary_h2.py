@@ -444,3 +444,13 @@ async def test_the_driver_speaks_over_a_unix_socket(tmp_path: Any) -> None:
         nursery.cancel_scope.cancel()
     listener.close()
     assert seen == [1, 3]
+
+
+def test_a_settings_change_that_pushes_a_stream_window_past_the_maximum_is_a_flow_control_error() -> None:
+    c = UnaryClient(max_reply=1000)
+    c.request(REQUEST, b"x" * 70_000)  # waits for window: the stream is open
+    c.data_to_send()
+    c.receive(unary_h2.frame(unary_h2.WINDOW_UPDATE, 0, 1, struct.pack("!I", 2**31 - 1 - 65_535)))
+    with pytest.raises(ExchangeFailed) as e:
+        c.receive(unary_h2.frame(unary_h2.SETTINGS, 0, 0, struct.pack("!HI", 4, 2**31 - 1)))
+    assert e.value.code == unary_h2.FLOW_CONTROL_ERROR
