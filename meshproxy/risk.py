@@ -111,7 +111,7 @@ class RiskClient:
 
     async def check(self, request: CheckRequest, deadline: float) -> Verdict:
         """The risk service's verdict, by the absolute trio time `deadline`; RiskFailure if none."""
-        (outcome,) = await self.check_many([request], deadline)
+        (outcome,) = await self._exchange([self._encode(request, deadline)], deadline)  # RiskFailure: raised
         if isinstance(outcome, RiskFailure):
             raise outcome
         return outcome

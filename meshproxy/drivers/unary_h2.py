@@ -235,7 +235,7 @@ class UnaryConnections:
             conn.close()
             raise
         finally:
-            if conn.codec.settings_seen:
+            if not reused and conn.codec.settings_seen:  # a connection's SETTINGS come first
                 if len(self._limits) >= MAX_LIMITS_KEPT:
                     self._limits.clear()
                 self._limits[address] = conn.codec.peer_max_streams
