@@ -485,6 +485,13 @@ async def test_a_burst_after_a_quiet_spell_wakes_the_parked_sender_and_starts_mo
     assert policy.seen == 9
 
 
+async def report_calls(app: App, risks: list[str | None]) -> None:
+    """Calls with these x-risk values (each answered at once), then every report sent."""
+    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), risks) == ["hi"] * len(risks)
+    with trio.fail_after(10):
+        await the_filter(app).reports_sent()
+
+
 async def test_report_mode_sends_a_batch_of_checks_together(
     nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
 ) -> None:
@@ -493,10 +500,7 @@ async def test_report_mode_sends_a_batch_of_checks_together(
     policy.gather = threading.Barrier(4)
     app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
                       report_concurrency=1, report_batch=4, report_linger="1s")
-    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None, "deny", None, "review"]) == ["hi"] * 4
-    f = the_filter(app)
-    with trio.fail_after(10):
-        await f.reports_sent()
+    await report_calls(app, [None, "deny", None, "review"])
     assert (policy.seen, policy.ungathered) == (4, 0)
     assert [verdicts(app, v, "report") for v in ("allow", "deny", "review")] == [2, 1, 1]
     assert failures(app, "unavailable") == failures(app, "timeout") == 0
@@ -507,15 +511,9 @@ async def test_report_mode_batches_fall_back_to_one_by_one_while_the_guard_is_op
 ) -> None:
     app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
                       report_concurrency=1, report_batch=4, report_linger="0.2s", guard={"failures": 1, "open_for": "1h"})
-    port = listen_port(app)
-    f = the_filter(app)
-    assert await trio.to_thread.run_sync(grpc_calls, port, ["fail"]) == ["hi"]
-    with trio.fail_after(10):
-        await f.reports_sent()
-    assert f.guard.is_open
-    assert await trio.to_thread.run_sync(grpc_calls, port, [None] * 3) == ["hi"] * 3
-    with trio.fail_after(10):
-        await f.reports_sent()
+    await report_calls(app, ["fail"])
+    assert the_filter(app).guard.is_open
+    await report_calls(app, [None] * 3)
     assert policy.seen == 1 and failures(app, "guard_open") == 3
 
 
@@ -524,14 +522,11 @@ async def test_a_late_check_in_a_batch_times_out_alone(
 ) -> None:
     app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="500ms",
                       report_concurrency=1, report_batch=3, report_linger="1s", guard={"failures": 1, "open_for": "1h"})
-    assert await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None, "hold", "deny"]) == ["hi"] * 3
-    f = the_filter(app)
-    with trio.fail_after(10):
-        await f.reports_sent()
+    await report_calls(app, [None, "hold", "deny"])
     policy.release.set()
     assert [verdicts(app, v, "report") for v in ("allow", "deny")] == [1, 1]
     assert failures(app, "timeout") == 1
-    assert not f.guard.is_open  # the batch got verdicts: one attempt, a success
+    assert not the_filter(app).guard.is_open  # the batch got verdicts: one attempt, a success
 
 
 async def test_a_half_open_guard_probes_with_one_check_then_sends_the_rest_together(
@@ -540,18 +535,12 @@ async def test_a_half_open_guard_probes_with_one_check_then_sends_the_rest_toget
     app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s",
                       report_concurrency=1, report_batch=3, report_linger="1s",
                       guard={"failures": 1, "open_for": "200ms"})
-    port = listen_port(app)
-    f = the_filter(app)
-    assert await trio.to_thread.run_sync(grpc_calls, port, ["fail"]) == ["hi"]
-    with trio.fail_after(10):
-        await f.reports_sent()
-    assert f.guard.is_open
+    await report_calls(app, ["fail"])
+    assert the_filter(app).guard.is_open
     await trio.sleep(0.3)  # past open_for: the next check is the probe
     policy.gather = threading.Barrier(2)  # the two after the probe are in the service together
-    assert await trio.to_thread.run_sync(grpc_calls, port, ["solo", None, None]) == ["hi"] * 3
-    with trio.fail_after(10):
-        await f.reports_sent()
-    assert not f.guard.is_open and verdicts(app, "allow", "report") == 3
+    await report_calls(app, ["solo", None, None])
+    assert not the_filter(app).guard.is_open and verdicts(app, "allow", "report") == 3
     assert (failures(app, "guard_open"), policy.seen, policy.ungathered) == (0, 4, 0)
 
 

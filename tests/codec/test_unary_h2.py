@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h2.config
@@ -325,44 +326,49 @@ async def serve_h2(listener: socket.socket, replies_per_connection: int, seen: l
             nursery.start_soon(serve, connections, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
 
 
-async def test_the_driver_reuses_a_connection_and_retries_once_when_the_server_closed_it() -> None:
+async def against_h2(body: Callable[[Address, UnaryConnections], Awaitable[None]], replies_per_connection: int,
+                    seen: list[int], **server: Any) -> None:
+    """Run `body` with lean connections to serve_h2 on a TCP port, then close both."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
-    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
-    seen: list[int] = []
     lean = UnaryConnections(1.0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_h2, listener, 2, seen)
-        for _ in range(5):
-            (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, trio.current_time() + 5)
-            assert r.head == [(b":status", b"200")] and bytes(r.data) == b"ok" and r.error is None
-            await trio.sleep(0.1)  # the server closes after its second reply; the next one finds out
+        nursery.start_soon(functools.partial(serve_h2, listener, replies_per_connection, seen, **server))
+        await body(Address("tcp", "127.0.0.1", listener.getsockname()[1]), lean)
         assert lean.busy == 0
         lean.close()
         nursery.cancel_scope.cancel()
     listener.close()
+
+
+def soon() -> float:
+    return trio.current_time() + 5
+
+
+async def test_the_driver_reuses_a_connection_and_retries_once_when_the_server_closed_it() -> None:
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        for _ in range(5):
+            (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, soon())
+            assert r.head == [(b":status", b"200")] and bytes(r.data) == b"ok" and r.error is None
+            await trio.sleep(0.1)  # the server closes after its second reply; the next one finds out
+
+    seen: list[int] = []
+    await against_h2(body, 2, seen)
     # Stream 1 and 3 on each connection: a connection was reused, and the closed one retried on a fresh one.
     assert seen == [1, 3, 1, 3, 1]
 
 
 async def test_the_driver_sends_a_batch_as_streams_of_one_connection() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
-    seen: list[int] = []
-    lean = UnaryConnections(1.0)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_h2, listener, 100, seen)
+    async def body(address: Address, lean: UnaryConnections) -> None:
         for n in (4, 3):
-            responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * n, 1000, trio.current_time() + 5)
+            responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * n, 1000, soon())
             assert [bytes(r.data) for r in responses] == [b"ok"] * n
             assert all(r.ended and r.error is None for r in responses)
-        assert lean.busy == 0
         with pytest.raises(ValueError, match="batch"):
-            await lean.exchange_many(address, [], 1000, trio.current_time() + 5)
-        lean.close()
-        nursery.cancel_scope.cancel()
-    listener.close()
+            await lean.exchange_many(address, [], 1000, soon())
+
+    seen: list[int] = []
+    await against_h2(body, 100, seen)
     assert sorted(seen) == [1, 3, 5, 7, 9, 11, 13]  # one connection, reused for the second batch
 
 
@@ -370,59 +376,42 @@ async def test_a_batch_keeps_to_the_stream_limit_the_endpoint_named_before() -> 
     """The server allows 2 streams and closes its first connection after one reply: that connection
     learns the limit; the next batch of 5 opens a fresh connection and starts 2 streams, then one
     more as each ends (h2 would fail the connection had a third been open at once)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
-    seen: list[int] = []
-    lean = UnaryConnections(1.0)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(serve_h2, listener, 100, seen, 2, first_replies=1))
-        (first,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, trio.current_time() + 5)
+
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        (first,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, soon())
         assert first.error is None
         await trio.sleep(0.1)
-        responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * 5, 1000, trio.current_time() + 5)
+        responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * 5, 1000, soon())
         assert [(bytes(r.data), r.error) for r in responses] == [(b"ok", None)] * 5
-        lean.close()
-        nursery.cancel_scope.cancel()
-    listener.close()
+
+    seen: list[int] = []
+    await against_h2(body, 100, seen, max_streams=2, first_replies=1)
     assert seen == [1, 1, 3, 5, 7, 9]  # one reply on the first connection, five on the second
 
 
 async def test_refused_streams_go_once_more_on_a_fresh_connection() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
-    seen: list[int] = []
-    lean = UnaryConnections(1.0)
-    async with trio.open_nursery() as nursery:
-        # Connection 1 refuses stream 3; connection 2 refuses stream 1 (the retry), so that one
-        # stays refused; the answered ones are never sent again.
-        nursery.start_soon(serve_h2, listener, 100, seen, 100, frozenset({(1, 3), (1, 5), (2, 1)}))
-        responses = await lean.exchange_many(address, [(REQUEST, b"a")] * 3, 1000, trio.current_time() + 5)
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        responses = await lean.exchange_many(address, [(REQUEST, b"a")] * 3, 1000, soon())
         assert responses[0].error is None and responses[2].error is None
         assert isinstance(responses[1].error, StreamRefused)
-        lean.close()
-        nursery.cancel_scope.cancel()
-    listener.close()
+
+    seen: list[int] = []
+    # Connection 1 refuses streams 3 and 5; connection 2 refuses stream 1 (the first retry), so
+    # that one stays refused; the answered ones are never sent again.
+    await against_h2(body, 100, seen, refuse=frozenset({(1, 3), (1, 5), (2, 1)}))
     assert seen == [1, 3]  # connection 1 answered stream 1; connection 2 answered stream 3 (the second retry)
 
 
 async def test_at_the_deadline_the_answered_streams_stand_and_the_connection_is_dropped() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
-    seen: list[int] = []
-    lean = UnaryConnections(1.0)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_h2, listener, 100, seen, 100, frozenset(), frozenset({(1, 3)}))
+    async def body(address: Address, lean: UnaryConnections) -> None:
         responses = await lean.exchange_many(address, [(REQUEST, b"a")] * 2, 1000, trio.current_time() + 0.3)
         assert responses[0].error is None and bytes(responses[0].data) == b"ok"
         assert isinstance(responses[1].error, TimedOut)
-        (again,) = await lean.exchange_many(address, [(REQUEST, b"b")], 1000, trio.current_time() + 5)
+        (again,) = await lean.exchange_many(address, [(REQUEST, b"b")], 1000, soon())
         assert again.error is None
-        lean.close()
-        nursery.cancel_scope.cancel()
-    listener.close()
+
+    seen: list[int] = []
+    await against_h2(body, 100, seen, hold=frozenset({(1, 3)}))
     assert seen == [1, 3, 1]  # the late connection was not reused
 
 
