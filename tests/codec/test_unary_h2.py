@@ -32,6 +32,7 @@ from meshproxy.codec.unary_h2 import (
     StreamReset,
     UnaryClient,
 )
+from meshproxy.drivers import unary_h2 as driver
 from meshproxy.drivers.unary_h2 import TimedOut, UnaryConnections
 from meshproxy.values import Address
 
@@ -413,6 +414,28 @@ async def test_at_the_deadline_the_answered_streams_stand_and_the_connection_is_
     seen: list[int] = []
     await against_h2(body, 100, seen, hold=frozenset({(1, 3)}))
     assert seen == [1, 3, 1]  # the late connection was not reused
+
+
+async def test_deadlines_stay_bounded_and_their_watch_ends_when_nothing_is_armed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "COMPACT_AFTER", 4)
+
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        deadlines = lean._deadlines
+        for _ in range(30):  # each leaves its (far) deadline behind in the heap
+            (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, trio.current_time() + 60)
+            assert r.error is None
+            assert len(deadlines._heap) <= 2 + 4 + 1 and deadlines._armed == 0
+        with trio.move_on_after(0.2):  # cancelled from outside: nothing stays armed
+            await lean.exchange_many(address, [(REQUEST, b"hold")], 1000, trio.current_time() + 60)
+        assert deadlines._armed == 0
+        (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, trio.current_time() + 0.3)
+        await trio.sleep(0.5)  # past the earliest deadline left: the watch finds nothing armed and ends
+        assert not deadlines._running and r.error is None
+
+    seen: list[int] = []
+    await against_h2(body, 100, seen, hold=frozenset({(1, 61)}))
+    assert len(seen) == 32
 
 
 async def test_the_driver_speaks_over_a_unix_socket(tmp_path: Any) -> None:
