@@ -58,8 +58,10 @@ MAX_IDLE = 16
 IDLE_TIMEOUT = 30.0
 # Endpoints whose stream limit is remembered; past this the memory starts over (it is only a hint).
 MAX_LIMITS_KEPT = 1024
-# Ended exchanges' deadlines kept past twice the armed ones before the heap is rebuilt.
+# Ended exchanges' deadlines kept in the heap past the armed ones plus this many: it is rebuilt.
 COMPACT_AFTER = 1024
+# The deadline watch ends after this long with nothing armed (the next exchange starts it again).
+WATCH_IDLE = 5.0
 
 
 class Closed(ExchangeFailed):
@@ -102,7 +104,7 @@ class UnaryConnection:
         stale = reused  # a reused connection that takes none of the first bytes: nothing was processed
         deadlines.arm(self, deadline)
         try:
-            while True:
+            while not self.timed_out:  # set while this task was not waiting: nothing more starts
                 while len(responses) < n and codec.usable:
                     headers, body = requests[len(responses)]
                     responses.append(codec.request(headers, body))
@@ -116,7 +118,7 @@ class UnaryConnection:
                     if codec.goaway:  # the rest can never start here, and were never sent
                         refused = StreamRefused(REFUSED_STREAM, "GOAWAY: the request was not sent")
                         return responses + [Response(ended=True, error=refused) for _ in range(n - len(responses))]
-                if self.timed_out:  # while this task was not waiting
+                if self.timed_out:
                     break
                 # The reply cannot be here the moment the request left: wait first, then read.
                 await trio.lowlevel.wait_readable(self.sock)
@@ -147,6 +149,8 @@ class UnaryConnection:
             try:
                 view = view[self.sock.send(view) :]
             except BlockingIOError:
+                if self.timed_out:  # the deadline passed while this task was not waiting
+                    raise trio.ClosedResourceError from None
                 await trio.lowlevel.wait_writable(self.sock)
             except OSError as e:
                 cls = _Stale if stale and len(view) == len(data) else Closed
@@ -195,18 +199,20 @@ class _Deadlines:
         self._running = False
 
     def arm(self, conn: UnaryConnection, deadline: float) -> None:
-        conn.deadline = deadline
         conn.timed_out = False
-        heapq.heappush(self._heap, (deadline, next(self._order), conn))
-        self._armed += 1
-        if len(self._heap) > 2 * self._armed + COMPACT_AFTER:
-            self._heap = [e for e in self._heap if e[2].deadline == e[0]]
-            heapq.heapify(self._heap)
+        if not deadline < math.inf:  # none (or NaN): nothing to watch; inf also means disarmed
+            return
         if not self._running:
             trio.lowlevel.spawn_system_task(self._watch, name="lean connection deadlines")
             self._running = True
         elif self._scope is not None and deadline < self._scope.deadline:
             self._scope.deadline = deadline
+        conn.deadline = deadline
+        heapq.heappush(self._heap, (deadline, next(self._order), conn))
+        self._armed += 1
+        if len(self._heap) > 2 * self._armed + COMPACT_AFTER:
+            self._heap = [e for e in self._heap if e[2].deadline == e[0]]
+            heapq.heapify(self._heap)
 
     def disarm(self, conn: UnaryConnection) -> None:
         if conn.deadline != math.inf:
@@ -214,14 +220,22 @@ class _Deadlines:
             self._armed -= 1
 
     async def _watch(self) -> None:
+        idle_since: float | None = None
         try:
             while True:
                 heap = self._heap
                 while heap and heap[0][2].deadline != heap[0][0]:
                     heapq.heappop(heap)  # the exchange ended (or its connection was armed again)
-                if not heap:
-                    return
-                with trio.CancelScope(deadline=heap[0][0]) as self._scope:
+                now = trio.current_time()
+                if heap:
+                    idle_since, wake_at = None, heap[0][0]
+                else:  # a while without work before ending: a task per check would cost what a scope does
+                    if idle_since is None:
+                        idle_since = now
+                    if now - idle_since >= WATCH_IDLE:
+                        return
+                    wake_at = idle_since + WATCH_IDLE
+                with trio.CancelScope(deadline=wake_at) as self._scope:
                     await trio.sleep_forever()
                 self._scope = None
                 now = trio.current_time()
@@ -229,17 +243,24 @@ class _Deadlines:
                 while heap and heap[0][0] <= now:
                     deadline, _, conn = heapq.heappop(heap)
                     if conn.deadline == deadline:
-                        self.disarm(conn)
-                        conn.timed_out = True
-                        try:
-                            trio.lowlevel.notify_closing(conn.sock)
-                        except (ValueError, OSError):  # closed meanwhile: nothing waits on it
-                            pass
+                        self._fire(conn)
         except Exception:  # a system task's exception would end the process
-            log.exception("lean connection deadlines: the watch failed")
+            log.exception("lean connection deadlines: the watch failed; timing out what it watched")
+            for _, _, conn in self._heap:
+                if conn.deadline != math.inf:
+                    self._fire(conn)
+            self._heap.clear()
         finally:
             self._scope = None
             self._running = False
+
+    def _fire(self, conn: UnaryConnection) -> None:
+        self.disarm(conn)
+        conn.timed_out = True
+        try:
+            trio.lowlevel.notify_closing(conn.sock)  # its wait, if any, raises ClosedResourceError
+        except (ValueError, OSError):  # closed meanwhile: nothing waits on it
+            pass
 
 
 class UnaryConnections:

@@ -35,6 +35,7 @@ from meshproxy.codec.unary_h2 import (
 from meshproxy.drivers import unary_h2 as driver
 from meshproxy.drivers.unary_h2 import TimedOut, UnaryConnections
 from meshproxy.values import Address
+from tests.harness import eventually
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"risk"), (b":path", b"/check"),
            (b"content-type", b"application/json")]
@@ -419,6 +420,7 @@ async def test_at_the_deadline_the_answered_streams_stand_and_the_connection_is_
 async def test_deadlines_stay_bounded_and_their_watch_ends_when_nothing_is_armed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(driver, "COMPACT_AFTER", 4)
+    monkeypatch.setattr(driver, "WATCH_IDLE", 0.1)
 
     async def body(address: Address, lean: UnaryConnections) -> None:
         deadlines = lean._deadlines
@@ -430,12 +432,45 @@ async def test_deadlines_stay_bounded_and_their_watch_ends_when_nothing_is_armed
             await lean.exchange_many(address, [(REQUEST, b"hold")], 1000, trio.current_time() + 60)
         assert deadlines._armed == 0
         (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, trio.current_time() + 0.3)
-        await trio.sleep(0.5)  # past the earliest deadline left: the watch finds nothing armed and ends
-        assert not deadlines._running and r.error is None
+        assert r.error is None
+        # Past the earliest deadline left, the watch finds nothing armed and, WATCH_IDLE later, ends.
+        await eventually(lambda: not deadlines._running, timeout=5)
 
     seen: list[int] = []
     await against_h2(body, 100, seen, hold=frozenset({(1, 61)}))
     assert len(seen) == 32
+
+
+async def test_a_server_that_stops_reading_times_the_exchange_out_while_it_sends() -> None:
+    """The server grants huge windows, then reads nothing: the request's body fills the socket and
+    the send waits for room. The deadline still ends the exchange (the wait is woken)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    lean = UnaryConnections(1.0)
+    accepted: list[socket.socket] = []
+
+    async def stalled_server() -> None:
+        await trio.lowlevel.wait_readable(listener)
+        sock, _ = listener.accept()
+        accepted.append(sock)
+        s = server()
+        s.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        s.increment_flow_control_window(2**31 - 1 - 65_535)
+        sock.sendall(s.data_to_send())
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stalled_server)
+        address = Address("tcp", "127.0.0.1", listener.getsockname()[1])
+        await trio.sleep(0.05)
+        with trio.fail_after(10):
+            (r,) = await lean.exchange_many(address, [(REQUEST, b"x" * (32 << 20))], 1000, trio.current_time() + 0.5)
+        assert isinstance(r.error, TimedOut)
+        nursery.cancel_scope.cancel()
+    lean.close()
+    listener.close()
+    for sock in accepted:
+        sock.close()
 
 
 async def test_the_driver_speaks_over_a_unix_socket(tmp_path: Any) -> None:
