@@ -14,8 +14,9 @@ send() and the task waits for the reply on its own socket, so an exchange
 costs one wake-up, with no reader task and no batched writer in between. A
 batch (`exchange_many`) sends all its requests as streams in that one send
 and waits for all the replies, so the send, the wake-ups and the trio
-machinery are paid once for the batch. Plaintext only: a TLS cluster uses
-the proxy's h2 path.
+machinery are paid once for the batch. Deadlines are kept by one watch task
+per set of connections (`_Deadlines`), not by a cancel scope per exchange.
+Plaintext only: a TLS cluster uses the proxy's h2 path.
 """
 
 from __future__ import annotations
