@@ -188,8 +188,8 @@ class _Deadlines:
     (their wait raises ClosedResourceError; the exchange ends as timed out
     and the connection is dropped). Entries of exchanges that ended stay in
     the heap until they reach its top; it is rebuilt when they outnumber the
-    armed ones. The task ends when nothing is armed, and starts again with
-    the next exchange.
+    armed ones by COMPACT_AFTER. The task ends WATCH_IDLE after the last
+    exchange ended, and starts again with the next one.
     """
 
     def __init__(self) -> None:
