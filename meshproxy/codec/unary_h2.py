@@ -133,12 +133,6 @@ class UnaryClient:
         """No exchange in progress."""
         return not self._streams
 
-    def room(self) -> int:
-        """How many exchanges may start on this connection now (none once it nears the last stream id)."""
-        if self.goaway or self._next_id > MAX_STREAM_ID - 2 * MAX_IN_FLIGHT:
-            return 0
-        return self.peer_max_streams - len(self._streams)
-
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
         self._out.clear()

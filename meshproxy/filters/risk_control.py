@@ -380,12 +380,11 @@ class RiskControlFilter(Filter):
                 self.guard.record(admission, True, end)
             return outcome
         reason = outcome.reason
-        if admission is None:
-            pass
-        elif charge_timeout or reason != risk.TIMEOUT:
-            self.guard.record(admission, False, end)
-        else:
-            self.guard.abandon(admission)
+        if admission is not None:
+            if charge_timeout or reason != risk.TIMEOUT:
+                self.guard.record(admission, False, end)
+            else:
+                self.guard.abandon(admission)
         self._failures[reason].inc()
         detail = outcome.detail
         self._log.log(logging.WARNING, ("failure", reason), "listener %s: risk check failed: %s%s%s",
