@@ -12,8 +12,8 @@ state machine plus the proxy's connection machinery (a reader task, a
 batched writer) cost about what a whole proxy leg does. Here the caller
 sends one request (enforce mode) or a batch of them at once (report mode,
 several streams in one write), reads until their Responses are ended, and
-reuses the connection. A reset or refused stream ends its Response with an
-`error`; anything wrong with the connection is an `ExchangeFailed` raised
+reuses the connection. A reset or refused stream, or a reply too long, ends
+its Response with an `error`; anything wrong with the connection is an `ExchangeFailed` raised
 from `receive`, and the connection is dropped (a fresh one is cheap; this
 path never has to recover one).
 """
@@ -53,7 +53,8 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 
 class ExchangeFailed(Exception):
-    """The connection failed and cannot be trusted (a protocol error, an oversized reply): drop it."""
+    """The connection failed and cannot be trusted (a protocol error): drop it. The subclasses
+    StreamReset and ReplyTooLong are one exchange's failure, on a Response's `error`."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
