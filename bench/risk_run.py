@@ -7,10 +7,10 @@ The risk service is the origin nginx answering a fixed JSON verdict to
 measured directly with h2load in the same rounds. meshproxy (no filter),
 meshproxy-risk (enforce, JSON, timeout 50ms) and meshproxy-risk-report run
 at once; each round measures, interleaved: the risk service directly, then
-every proxy, at concurrency 1 (p50 of 2,000 requests). Then:
+every proxy, at concurrency 1 (p50 and p99 of 2,000 requests). Then:
 
     added by enforce = p50(meshproxy-risk) - p50(meshproxy) - p50(risk service)
-    report           = p50(meshproxy-risk-report) / p50(meshproxy)
+    report           = p50(meshproxy-risk-report) / p50(meshproxy), and the same for p99
 
 Medians over the rounds. See bench/README.md for pinning and the origin.
 """
@@ -30,7 +30,7 @@ import harness as h
 RISK_BODY = b'{"caller": "bench", "destination": "origin", "path": "/small"}'
 
 
-def p50(url: str, b: h.Bench, n: int, extra: list[str], name: str) -> int:
+def p50_p99(url: str, b: h.Bench, n: int, extra: list[str], name: str) -> tuple[int, int]:
     log = b.dir / f"lat-{name}.log"
     log.unlink(missing_ok=True)
     r, out = h.h2load([*extra, "-n", str(n), "-c", "1", "-m", "1", "--log-file", str(log), url], timeout=120)
@@ -40,7 +40,7 @@ def p50(url: str, b: h.Bench, n: int, extra: list[str], name: str) -> int:
     statuses = {line.split("\t")[1] for line in log.read_text().splitlines()}
     if statuses != {"200"}:
         raise RuntimeError(f"{name}: statuses {statuses}\n{out}")
-    return lat[len(lat) // 2]
+    return lat[len(lat) // 2], lat[len(lat) * 99 // 100]
 
 
 def verdicts(svc: h.Service) -> dict[str, float]:
@@ -61,8 +61,10 @@ def main() -> int:
     o = ap.parse_args()
     names = ["meshproxy", "meshproxy-risk", "meshproxy-risk-report"]
     got: dict[str, list[int]] = {n: [] for n in ["risk-service", *names]}
+    got_p99: dict[str, list[int]] = {n: [] for n in ["risk-service", *names]}
     added: list[int] = []
     report: list[float] = []
+    report_p99: list[float] = []
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with h.Bench(nofile=65536) as b:
         origin = b.start_origin()
@@ -78,16 +80,19 @@ def main() -> int:
                 raise SystemExit(f"{n}: {bad}")
         for rnd in range(o.rounds):
             b.refresh_origin()
-            row = {"risk-service": p50(risk_url, b, o.latency_n, risk_args, "risk")}
+            both = {"risk-service": p50_p99(risk_url, b, o.latency_n, risk_args, "risk")}
             for n, svc in svcs.items():
                 assert svc is not None
-                row[n] = p50(f"http://127.0.0.1:{svc.port}/small", b, o.latency_n, [], n)
-            for k, v in row.items():
-                got[k].append(v)
+                both[n] = p50_p99(f"http://127.0.0.1:{svc.port}/small", b, o.latency_n, [], n)
+            row = {k: v[0] for k, v in both.items()}
+            for k, (v50, v99) in both.items():
+                got[k].append(v50)
+                got_p99[k].append(v99)
             added.append(row["meshproxy-risk"] - row["meshproxy"] - row["risk-service"])
             report.append(row["meshproxy-risk-report"] / row["meshproxy"])
+            report_p99.append(both["meshproxy-risk-report"][1] / both["meshproxy"][1])
             print(f"round {rnd + 1}: p50 µs {row}; enforce adds {added[-1]} µs beyond the risk service; "
-                  f"report/plain {report[-1]:.3f}", flush=True)
+                  f"report/plain {report[-1]:.3f} (p99 {report_p99[-1]:.3f})", flush=True)
         checks = {n: verdicts(svc) for n, svc in svcs.items() if n != "meshproxy" and svc is not None}
     print("risk counters:", json.dumps(checks))
     failed = {n: c for n, c in checks.items() if any(k.startswith("failures:") for k in c)}
@@ -96,11 +101,14 @@ def main() -> int:
         "p50_us": {k: statistics.median(v) for k, v in got.items()},
         "enforce_added_us_beyond_risk_service": statistics.median(added),
         "report_p50_ratio": round(statistics.median(report), 3),
+        "p99_us": {k: statistics.median(v) for k, v in got_p99.items()},
+        "report_p99_ratio": round(statistics.median(report_p99), 3),
     }
     print("\nmedians:", json.dumps(summary))
     if o.json:
         Path(o.json).write_text(json.dumps({"started": started, "method": vars(o), "summary": summary,
-                                            "rounds": {"p50_us": got, "added_us": added, "report_ratio": report}},
+                                            "rounds": {"p50_us": got, "p99_us": got_p99, "added_us": added,
+                                                       "report_ratio": report, "report_p99_ratio": report_p99}},
                                            indent=1))
     if failed:
         print(f"PROBLEM: risk checks failed (the figures are not valid): {failed}")
