@@ -69,6 +69,8 @@ MAX_REPLY_BYTES = 64 * 1024
 # connection each; past this, checks share the cluster's pooled connections
 # instead of opening more.
 LEAN_MAX_BUSY = 64
+# Checks in one check_many on a lean connection at most: its streams in flight.
+MAX_BATCH = unary_h2.MAX_IN_FLIGHT
 _UNAVAILABLE_HTTP = (429, 502, 503, 504)
 _UNAVAILABLE_GRPC = (status.UNAVAILABLE, status.RESOURCE_EXHAUSTED)
 

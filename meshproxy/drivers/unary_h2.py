@@ -309,7 +309,9 @@ class UnaryConnections:
 
     async def _exchange(self, address: Address, requests: list[tuple[list[tuple[bytes, bytes]], bytes]],
                         max_reply: int, deadline: float, fresh: bool = False) -> list[Response]:
-        idle = self._idle.setdefault(address, collections.deque())
+        idle = self._idle.get(address)
+        if idle is None:  # not setdefault: that would build a deque on every exchange
+            idle = self._idle[address] = collections.deque()
         now = trio.current_time()
         while idle and now - idle[0].idle_since >= IDLE_TIMEOUT:
             idle.popleft().close()  # the oldest first: after a burst, the extra ones age out

@@ -107,7 +107,7 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_CACHE_ENTRIES = 1_000_000
 MAX_REPORT_QUEUE = 1_000_000
 MAX_REPORT_CONCURRENCY = 256
-MAX_REPORT_BATCH = 100  # codec/unary_h2.MAX_IN_FLIGHT: streams of one connection
+MAX_REPORT_BATCH = risk.MAX_BATCH
 MAX_REPORT_LINGER = 1.0
 MAX_GUARD_FAILURES = 1000
 # A report sender with nothing to send for this long ends; the next check starts one again.
