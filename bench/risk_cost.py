@@ -1,0 +1,206 @@
+"""Where an enforce risk check's time goes: CPU per check at each layer, in-process.
+
+    python3 bench/risk_cost.py --json risk-cost.json
+
+bench/risk_run.py measures what enforce mode adds to a proxied call; this
+says which layer the time is spent in, to aim work at. One process, pinned
+to the proxy's CPU, against the bench's origin nginx (the same fixed JSON
+verdict, on the load CPU), runs the real App and measures, as thread CPU per
+check (the lowest of --reps runs of --n checks each):
+
+    filter         RiskControlFilter.on_request on a fresh Call (a whole check)
+    filter_own     the same with the client's check answering at once (no I/O)
+    client         RiskClient.check (encode, pick, exchange, decode)
+    lean_exchange  the lean connections' exchange_many of one encoded check
+    floor          the lean codec over a bare non-blocking socket: request,
+                   send, trio.lowlevel.wait_readable, recv, receive: what any
+                   trio exchange costs here, with nothing around it
+
+Then --rounds rounds of h2load at concurrency 1 (p50 of --calls calls) against
+two listeners of that App, one plain and one with the enforce filter,
+alternating: their difference is the check inside a whole proxied call, which
+costs more than the same check alone (the call's work keeps the caches cold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import harness as h
+import trio
+from prometheus_client import CollectorRegistry
+
+from meshproxy import risk
+from meshproxy.app import App
+from meshproxy.call import Call, EmptyBody, Peer, Protocol
+from meshproxy.codec.unary_h2 import UnaryClient
+from meshproxy.config import load
+from meshproxy.filters.base import CONTINUE
+
+CONF = """\
+node: {{service: api, unit: u1}}
+admin: {{address: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+listeners:
+  - name: plain
+    direction: egress
+    address: "127.0.0.1:{plain}"
+    protocol: http2
+    routes:
+      - match: {{prefix: /}}
+        cluster: origin
+  - name: risk
+    direction: egress
+    address: "127.0.0.1:{risk}"
+    protocol: http2
+    filters:
+      - {{name: risk_control, cluster: risk, mode: enforce, timeout: 50ms, failure_mode: allow, protocol: json}}
+    routes:
+      - match: {{prefix: /}}
+        cluster: origin
+clusters:
+  - {{name: risk, protocol: http2, endpoints: ["127.0.0.1:{origin}"]}}
+  - {{name: origin, protocol: http2, endpoints: ["127.0.0.1:{origin}"]}}
+"""
+HEADERS = [(b"user-agent", b"h2load nghttp2/1.52.0"), (b"accept", b"*/*")]
+WARMUP = 300
+
+
+async def cpu_per_call(fn: Callable[[], Awaitable[object]], n: int, reps: int) -> float:
+    """Thread CPU µs per await of fn(), the lowest of `reps` runs (the VM's noise only adds)."""
+    for _ in range(WARMUP):
+        await fn()
+    runs = []
+    for _ in range(reps):
+        start = time.thread_time()
+        for _ in range(n):
+            await fn()
+        runs.append((time.thread_time() - start) / n * 1e6)
+    return round(min(runs), 1)
+
+
+def floor_exchange(sock: socket.socket, headers: list[tuple[bytes, bytes]], body: bytes
+                   ) -> Callable[[], Awaitable[None]]:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    codec = UnaryClient(risk.MAX_REPLY_BYTES)
+
+    async def one() -> None:
+        response = codec.request(headers, body)
+        sock.send(codec.data_to_send())
+        while not response.ended:
+            await trio.lowlevel.wait_readable(sock)
+            codec.receive(sock.recv(65536))
+            out = codec.data_to_send()
+            if out:
+                sock.send(out)
+        if response.error is not None or response.head is None or response.head[0] != (b":status", b"200"):
+            raise RuntimeError(f"floor: bad reply {response}")
+
+    return one
+
+
+async def p50(port: int, n: int, log: Path) -> int:
+    log.unlink(missing_ok=True)
+    r, out = await trio.to_thread.run_sync(
+        lambda: h.h2load(["-n", str(n), "-c", "1", "--log-file", str(log), f"http://127.0.0.1:{port}/small"], 120))
+    lines = log.read_text().splitlines() if log.exists() else []
+    if r.get("exit") != 0 or len(lines) != n or {line.split("\t")[1] for line in lines} != {"200"}:
+        raise RuntimeError(f"h2load against :{port} failed\n{out}")
+    lat = sorted(int(line.split("\t")[2]) for line in lines)
+    return lat[len(lat) // 2]
+
+
+async def measure(o: argparse.Namespace, b: h.Bench, origin: int) -> dict[str, object]:
+    ports = {"plain": h.free_port(), "risk": h.free_port()}
+    conf = b.dir / "risk-cost.yaml"
+    conf.write_text(CONF.format(origin=origin, **ports))
+    app = App(load(str(conf)), CollectorRegistry())
+    result: dict[str, object] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.run)
+        f = app.listeners["risk"].proxy.state.chain.filters[0]
+        client = f.client
+        cluster = client.cluster
+
+        def call() -> Call:
+            return Call(1, Protocol.HTTP2, Peer("127.0.0.1:1"), "risk", "egress", "origin", "GET", "/small",
+                        HEADERS, EmptyBody(), trio.current_time() + 10, request_id="rid-1")
+
+        request = await f.check_request(call())
+        headers, body = client._encode(request, trio.current_time() + 10)
+
+        async def whole() -> None:
+            if await f.on_request(call()) is not CONTINUE:
+                raise RuntimeError("the check did not allow: the figures would not be a check's")
+
+        async def check() -> None:
+            await client.check(request, trio.current_time() + 1)
+
+        async def lean() -> None:
+            await cluster.lean.exchange_many(cluster.pools[0].address, [client._encode(request, trio.current_time() + 1)],
+                                             risk.MAX_REPLY_BYTES, trio.current_time() + 1)
+
+        allow = risk.Verdict(risk.ALLOW)
+
+        async def instant(r: risk.CheckRequest, deadline: float) -> risk.Verdict:
+            return allow
+
+        cpu = {"filter": await cpu_per_call(whole, o.n, o.reps)}
+        client.check = instant  # type: ignore[method-assign]
+        cpu["filter_own"] = await cpu_per_call(whole, o.n, o.reps)
+        del client.check
+        cpu["client"] = await cpu_per_call(check, o.n, o.reps)
+        cpu["lean_exchange"] = await cpu_per_call(lean, o.n, o.reps)
+        with socket.create_connection(("127.0.0.1", origin)) as sock:
+            cpu["floor"] = await cpu_per_call(floor_exchange(sock, headers, body), o.n, o.reps)
+        print("CPU µs per check:", json.dumps(cpu), flush=True)
+        result["cpu_us_per_check"] = cpu
+
+        rounds: dict[str, list[int]] = {"plain": [], "risk": []}
+        for name, port in ports.items():  # warm both listeners' connections
+            await p50(port, 500, b.dir / f"lat-{name}.log")
+        for i in range(o.rounds):
+            for name, port in ports.items():
+                rounds[name].append(await p50(port, o.calls, b.dir / f"lat-{name}.log"))
+            print(f"round {i + 1}: p50 µs plain {rounds['plain'][-1]}, with the check {rounds['risk'][-1]}",
+                  flush=True)
+        added = [r - p for p, r in zip(rounds["plain"], rounds["risk"], strict=True)]
+        result["p50_us"] = rounds
+        result["check_in_a_call_us"] = statistics.median(added) if added else None
+        print("the check inside a proxied call adds (median p50 difference, µs):", result["check_in_a_call_us"])
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4000, help="checks per CPU measurement")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="h2load rounds per listener")
+    ap.add_argument("--calls", type=int, default=3000, help="calls per h2load round")
+    ap.add_argument("--json", metavar="FILE")
+    o = ap.parse_args()
+    if h.PINNING != "none":
+        os.sched_setaffinity(0, {h.PROXY_CPU})
+    else:
+        h.warn("cannot pin to CPUs: figures are noisier")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with h.Bench(nofile=65536) as b:
+        origin = b.start_origin()
+        result = trio.run(measure, o, b, origin.port)
+    if o.json:
+        Path(o.json).write_text(json.dumps({"started": started, "method": vars(o), **result}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
