@@ -62,7 +62,7 @@ listeners:
     address: "127.0.0.1:{risk}"
     protocol: http2
     filters:
-      - {{name: risk_control, cluster: risk, mode: enforce, timeout: 50ms, failure_mode: allow, protocol: json}}
+      - {{name: risk_control, cluster: risk, mode: enforce, timeout: 50ms, failure_mode: deny, protocol: json}}
     routes:
       - match: {{prefix: /}}
         cluster: origin
@@ -139,6 +139,7 @@ async def measure(o: argparse.Namespace, b: h.Bench, origin: int) -> dict[str, o
         headers, body = client._encode(request, trio.current_time() + 10)
 
         async def whole() -> None:
+            # failure_mode is deny: a failed check (cheaper than a real one) stops the run here.
             if await f.on_request(call()) is not CONTINUE:
                 raise RuntimeError("the check did not allow: the figures would not be a check's")
 
@@ -146,8 +147,11 @@ async def measure(o: argparse.Namespace, b: h.Bench, origin: int) -> dict[str, o
             await client.check(request, trio.current_time() + 1)
 
         async def lean() -> None:
-            await cluster.lean.exchange_many(cluster.pools[0].address, [client._encode(request, trio.current_time() + 1)],
-                                             risk.MAX_REPLY_BYTES, trio.current_time() + 1)
+            (r,) = await cluster.lean.exchange_many(cluster.pools[0].address,
+                                                    [client._encode(request, trio.current_time() + 1)],
+                                                    risk.MAX_REPLY_BYTES, trio.current_time() + 1)
+            if r.error is not None or r.head is None or r.head[0] != (b":status", b"200"):
+                raise RuntimeError(f"lean exchange: bad reply {r}")
 
         allow = risk.Verdict(risk.ALLOW)
 
