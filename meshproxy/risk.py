@@ -37,9 +37,10 @@ from meshproxy.codec.risk import (
     encode_check_json,
 )
 from meshproxy.drivers import unary_h2
-from meshproxy.drivers.h2 import StreamReset
+from meshproxy.drivers.h2 import ClientLink, Stream, StreamReset
 from meshproxy.errors import ProxyError
 from meshproxy.upstream.cluster import Cluster
+from meshproxy.upstream.pool import EndpointPool
 
 __all__ = [
     "ALLOW",
@@ -111,9 +112,14 @@ class RiskClient:
         else:
             self._head += [(b"content-type", b"application/json"), (b"accept", b"application/json")]
 
-    async def check(self, request: CheckRequest, deadline: float) -> Verdict:
-        """The risk service's verdict, by the absolute trio time `deadline`; RiskFailure if none."""
-        (outcome,) = await self._exchange([self._encode(request, deadline)], deadline)  # RiskFailure: raised
+    async def check(self, request: CheckRequest, deadline: float, charge_timeout: bool = True) -> Verdict:
+        """The risk service's verdict, by the absolute trio time `deadline`; RiskFailure if none.
+
+        `charge_timeout` false: a timeout is the caller's (its own short deadline),
+        so the endpoint's outlier detection is not told of it.
+        """
+        (outcome,) = await self._exchange([self._encode(request, deadline)], deadline,  # RiskFailure: raised
+                                          charge_timeout)
         if isinstance(outcome, RiskFailure):
             raise outcome
         return outcome
@@ -144,8 +150,8 @@ class RiskClient:
             headers.append((b"x-request-id", request.request_id.encode("latin-1", "replace")))
         return headers, body
 
-    async def _exchange(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float
-                        ) -> list[Verdict | RiskFailure]:
+    async def _exchange(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float,
+                        charge_timeout: bool = True) -> list[Verdict | RiskFailure]:
         cluster = self.cluster
         n = len(exchanges)
         tried: set[int] = set()
@@ -154,25 +160,31 @@ class RiskClient:
             tried.add(i)
             pool = cluster.pools[i]
             if pool.tls is not None or cluster.lean.busy >= LEAN_MAX_BUSY:
-                return await self._shared_many(exchanges, deadline)
+                return await self._shared_many(exchanges, deadline, charge_timeout)
             cluster.stream_started(pool, n)
             try:
                 responses = await cluster.lean.exchange_many(pool.address, exchanges, MAX_REPLY_BYTES, deadline)
-            except unary_h2.TimedOut:
-                raise RiskFailure(TIMEOUT) from None
+            except unary_h2.TimedOut:  # no connection by the deadline
+                failure = RiskFailure(TIMEOUT)
             except (OSError, trio.TooSlowError) as e:  # connect failed: the next endpoint
                 cluster.guard.connect_failed(pool, trio.current_time())
                 errors.append(f"{pool.name}: {e or type(e).__name__}")
                 continue
             except unary_h2.Closed as e:  # as a reset stream on the shared path
-                raise RiskFailure(UNAVAILABLE, str(e)) from None
+                failure = RiskFailure(UNAVAILABLE, str(e))
             except unary_h2.ExchangeFailed as e:  # a protocol error
-                raise RiskFailure(BAD_REPLY, str(e)) from None
+                failure = RiskFailure(BAD_REPLY, str(e))
+            else:
+                outcomes = [self._outcome(r) for r in responses]
+                self._tell_outlier(pool, outcomes, charge_timeout)
+                return outcomes
             finally:
                 cluster.stream_done(pool, n)
-            # Connect failures count towards ejection; an answer must reset that count.
-            cluster.guard.answered(pool, trio.current_time())
-            return [self._outcome(r) for r in responses]
+            # The connection failed under the whole exchange: one event for outlier detection,
+            # no answer (a protocol error too: it is the endpoint's, as a lost connection is).
+            if charge_timeout or failure.reason != TIMEOUT:
+                self._tell(pool, failed=True)
+            raise failure
         raise RiskFailure(UNAVAILABLE, "; ".join(errors) or f"cluster '{cluster.name}' has no endpoint to try")
 
     def _outcome(self, response: unary_h2.Response) -> Verdict | RiskFailure:
@@ -188,17 +200,35 @@ class RiskClient:
         except RiskFailure as e:
             return e
 
-    async def _shared_many(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float
-                           ) -> list[Verdict | RiskFailure]:
+    def _tell_outlier(self, pool: EndpointPool, outcomes: Sequence[Verdict | RiskFailure],
+                      charge_timeout: bool) -> None:
+        """Tell the cluster's outlier detection how checks on `pool` went: an answer (a verdict, a
+        bad reply) resets its count, no answer (a reset, an unavailable status, a timeout unless
+        the caller's own deadline set it) adds to it."""
+        if self.cluster.guard.outlier is None:
+            return
+        for outcome in outcomes:
+            if not isinstance(outcome, RiskFailure):
+                self._tell(pool, failed=False)
+            elif outcome.reason != TIMEOUT:
+                self._tell(pool, failed=outcome.reason == UNAVAILABLE)
+            elif charge_timeout:
+                self._tell(pool, failed=True)
+
+    def _tell(self, pool: EndpointPool, failed: bool) -> None:
+        guard = self.cluster.guard
+        if guard.outlier is not None:
+            guard.checked(pool, trio.current_time(), failed)
+
+    async def _shared_many(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float,
+                           charge_timeout: bool) -> list[Verdict | RiskFailure]:
         results: list[Verdict | RiskFailure] = [RiskFailure(TIMEOUT)] * len(exchanges)
 
         async def one(i: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
             try:
-                results[i] = await self._shared_exchange(headers, body)
+                results[i] = await self._shared_exchange(headers, body, deadline, charge_timeout)
             except ProxyError as e:  # no endpoint took the stream (down, overflow)
                 results[i] = RiskFailure(UNAVAILABLE, e.message)
-            except StreamReset as e:
-                results[i] = RiskFailure(UNAVAILABLE, str(e))
 
         with trio.move_on_at(deadline):
             if len(exchanges) == 1:
@@ -209,24 +239,22 @@ class RiskClient:
                         nursery.start_soon(one, i, headers, body)
         return results
 
-    async def _shared_exchange(self, headers: list[tuple[bytes, bytes]], body: bytes) -> Verdict | RiskFailure:
+    async def _shared_exchange(self, headers: list[tuple[bytes, bytes]], body: bytes, deadline: float,
+                               charge_timeout: bool) -> Verdict | RiskFailure:
         cluster = self.cluster
         pool, link, stream = await cluster.open_stream(headers, False)
+        outcome: Verdict | RiskFailure | None = None
         try:
-            await link.send_data(stream, body, True)
-            head = await stream.wait_head()
-            data = bytearray()
-            while chunk := await stream.read():
-                data += chunk
-                if len(data) > MAX_REPLY_BYTES:
-                    return RiskFailure(BAD_REPLY, f"reply longer than {MAX_REPLY_BYTES} bytes")
-            stream.release()
-            cluster.guard.answered(pool, trio.current_time())
-            try:
-                return self._verdict(head, stream.trailers, bytes(data))
-            except RiskFailure as e:
-                return e
+            outcome = await self._shared_reply(link, stream, body)
+            return outcome
+        except StreamReset as e:
+            outcome = RiskFailure(UNAVAILABLE, str(e))
+            return outcome
         finally:
+            if outcome is not None:
+                self._tell_outlier(pool, [outcome], charge_timeout)
+            elif trio.current_time() >= deadline:  # cancelled by it (_shared_many's), not by the caller leaving
+                self._tell_outlier(pool, [RiskFailure(TIMEOUT)], charge_timeout)
             # As the proxy does with its upstream streams: a finished stream is
             # forgotten, an unfinished one (timeout, bad reply) reset.
             if stream.done:
@@ -234,6 +262,20 @@ class RiskClient:
             else:
                 link.reset(stream, ErrorCodes.CANCEL)
             cluster.stream_done(pool)
+
+    async def _shared_reply(self, link: ClientLink, stream: Stream, body: bytes) -> Verdict | RiskFailure:
+        await link.send_data(stream, body, True)
+        head = await stream.wait_head()
+        data = bytearray()
+        while chunk := await stream.read():
+            data += chunk
+            if len(data) > MAX_REPLY_BYTES:
+                return RiskFailure(BAD_REPLY, f"reply longer than {MAX_REPLY_BYTES} bytes")
+        stream.release()
+        try:
+            return self._verdict(head, stream.trailers, bytes(data))
+        except RiskFailure as e:
+            return e
 
     def _verdict(self, head: list[tuple[bytes, bytes]], trailers: list[tuple[bytes, bytes]] | None,
                  data: bytes) -> Verdict:

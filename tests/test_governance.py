@@ -316,8 +316,15 @@ def test_an_answer_outside_the_call_path_resets_the_connect_failure_count() -> N
                   [ep], Metrics.create(CollectorRegistry()))
     for t in range(5):
         guard.connect_failed(ep, float(t))
-        guard.answered(ep, float(t))
+        guard.checked(ep, float(t), failed=False)
     assert not ep.ejected(5.0)
     guard.connect_failed(ep, 6.0)
     guard.connect_failed(ep, 6.0)
     assert ep.ejected(6.0)
+    ep2 = EndpointState("c", "127.0.0.1:2")
+    guard = Guard(Cluster("c", "http2", (parse_address("127.0.0.1:2"),), outlier=Outlier(consecutive_errors=2)),
+                  [ep2], Metrics.create(CollectorRegistry()))
+    guard.checked(ep2, 7.0, failed=True)  # a check with no answer (a timeout) counts as a gateway error
+    assert not ep2.ejected(7.0)
+    guard.checked(ep2, 7.0, failed=True)
+    assert ep2.ejected(7.0)

@@ -136,7 +136,8 @@ def test_bad_options_name_the_key(options: dict[str, Any], key: str, says: str) 
 
 
 def test_config_error_has_the_key_path(tmp_path: Path) -> None:
-    text = CONFIG.format(direction="egress", protocol="http2", thrift="", match="{prefix: /}", backend=1, risk=2,
+    text = CONFIG.format(direction="egress", protocol="http2", thrift="", match="{prefix: /}", backend=1,
+                         risk_cluster=one_endpoint(2),
                          access_log="{enabled: false}",
                          filter="{name: risk_control, cluster: risk, guard: {failures: -1}, cache: {ttl: 1 hour}}")
     with pytest.raises(ConfigError) as e:
@@ -218,8 +219,12 @@ listeners:
         cluster: backend
 clusters:
   - {{name: backend, protocol: {protocol}, endpoints: ["127.0.0.1:{backend}"]}}
-  - {{name: risk, protocol: http2, endpoints: ["127.0.0.1:{risk}"]}}
+  - {risk_cluster}
 """
+
+
+def one_endpoint(port: int) -> str:
+    return json.dumps({"name": "risk", "protocol": "http2", "endpoints": [f"127.0.0.1:{port}"]})
 
 
 def risk_filter(**options: Any) -> str:
@@ -228,12 +233,14 @@ def risk_filter(**options: Any) -> str:
 
 async def start(nursery: trio.Nursery, tmp_path: Path, backend: int, risk_port: int, *,
                 listener_protocol: str = "http2", access_log: str = "{enabled: false}", direction: str = "ingress",
-                **options: Any) -> App:
-    """The proxy with one listener (risk_control, then a route to `backend`) and the risk cluster."""
+                risk_cluster: dict[str, Any] | None = None, **options: Any) -> App:
+    """The proxy with one listener (risk_control, then a route to `backend`) and the risk cluster
+    (`risk_cluster`, else one endpoint: `risk_port`)."""
     thrift = "\n    thrift: {transport: auto}" if listener_protocol == "thrift" else ""
     match = "{}" if listener_protocol == "thrift" else "{prefix: /}"
     text = CONFIG.format(direction=direction, protocol=listener_protocol, thrift=thrift, match=match, backend=backend,
-                         risk=risk_port, access_log=access_log, filter=risk_filter(**options))
+                         risk_cluster=json.dumps(risk_cluster) if risk_cluster else one_endpoint(risk_port),
+                         access_log=access_log, filter=risk_filter(**options))
     return await start_proxy(nursery, write_config(tmp_path, text))
 
 
@@ -376,16 +383,62 @@ async def test_the_guard_stops_calling_a_hanging_service(
     assert metric(app, "meshproxy_risk_fail_open_total", listener="test") == 8
 
 
-async def test_a_timeout_set_by_the_calls_own_deadline_does_not_trip_the_guard(
+async def test_a_hanging_endpoint_of_the_risk_cluster_is_ejected(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    """Checks tell the risk cluster's outlier detection when they get no answer: with the good
+    endpoint answering every other check the guard never opens, so ejection is what helps."""
+    hanging = RiskPolicy()
+    hanging.hold_all = True
+    with grpc_risk_server(hanging) as (hanging_port, _):
+        cluster = {"name": "risk", "protocol": "http2", "lb": "round_robin",
+                   "endpoints": [f"127.0.0.1:{risk_server}", f"127.0.0.1:{hanging_port}"],
+                   "outlier": {"consecutive_errors": 2, "base_ejection": "60s"}}
+        app = await start(nursery, tmp_path, backend, 0, risk_cluster=cluster, timeout="100ms", failure_mode="deny",
+                          guard={"failures": 3})
+        got = await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None] * 10)
+    assert got.count("PERMISSION_DENIED") == 2  # the hanging endpoint's two timeouts; then it is out
+    assert got[-5:] == ["hi"] * 5
+    assert (hanging.seen, policy.seen) == (2, 8)
+    assert metric(app, "meshproxy_outlier_ejections_total", destination_service="risk",
+                  reason="consecutive_errors") == 1
+    assert not the_filter(app).guard.is_open
+
+
+async def test_a_check_the_calls_deadline_cut_short_early_does_not_trip_the_guard(
     nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
 ) -> None:
     app = await start(nursery, tmp_path, backend, risk_server, timeout="10s", guard={"failures": 1})
     port = listen_port(app)
-    # The caller allows 300ms, the filter 10s: the call's deadline bounds the check.
+    # The caller allows 300ms, under a tenth of the filter's 10s: too short to say the service is down.
     assert await trio.to_thread.run_sync(lambda: grpc_calls(port, ["hold"], timeout=0.3)) == ["DEADLINE_EXCEEDED"]
     assert not the_filter(app).guard.is_open
     assert await trio.to_thread.run_sync(grpc_calls, port, ["deny"]) == ["PERMISSION_DENIED"]  # still asked
     assert policy.seen == 2
+    assert failures(app, "timeout") == 1  # a timeout all the same, in the metrics
+
+
+async def test_checks_the_calls_deadline_cuts_count_against_the_guard_when_they_had_time(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    """Callers whose deadlines are shorter than `timeout` must not each wait for a hanging service."""
+    policy.hold_all = True
+    log_path = tmp_path / "access.log"
+    app = await start(nursery, tmp_path, backend, risk_server, timeout="1s", failure_mode="deny",
+                      guard={"failures": 2, "open_for": "60s"}, access_log=f"{{enabled: true, path: '{log_path}'}}")
+    port = listen_port(app)
+    got = await trio.to_thread.run_sync(lambda: grpc_calls(port, [None] * 4, timeout=0.3))
+    # 300ms is above a tenth of 1s: two cut checks open the guard, and the next calls fail closed at once.
+    assert got == ["DEADLINE_EXCEEDED"] * 2 + ["PERMISSION_DENIED"] * 2
+    assert policy.seen == 2
+    assert (failures(app, "timeout"), failures(app, "guard_open")) == (2, 2)
+    assert metric(app, "meshproxy_risk_check_seconds_count", listener="test") == 2
+
+    def logged() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+
+    await eventually(lambda: len(logged()) == 4, timeout=5)
+    assert [e.get("risk_reason") for e in logged()] == ["timeout", "timeout", "guard_open", "guard_open"]
 
 
 async def test_the_cache_answers_identical_calls(
@@ -435,6 +488,30 @@ async def test_report_mode_drops_checks_when_its_queue_is_full(
     with trio.fail_after(10):
         await f.reports_sent()
     assert policy.seen + dropped == 5 and verdicts(app, "allow", "report") == policy.seen
+
+
+async def test_report_mode_bounds_the_body_bytes_of_checks_being_sent_too(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The byte budget covers body prefixes in a batch on its way, not only those queued: else
+    report_concurrency x report_batch x body_bytes could be held past it."""
+    message = 7  # the gRPC message of b"hi": a 5-byte prefix and 2 bytes
+    monkeypatch.setattr(risk_control, "MAX_REPORT_QUEUE_BYTES", 2 * message)
+    policy.hold_all = True
+    app = await start(nursery, tmp_path, backend, risk_server, mode="report", timeout="10s", body_bytes=64,
+                      report_queue=100, report_concurrency=4, report_batch=1, report_linger="0s")
+    port = listen_port(app)
+    for _ in range(2):
+        assert await trio.to_thread.run_sync(grpc_calls, port, [None]) == ["hi"]
+        await eventually(lambda: the_filter(app)._reporter.queue == collections.deque(), timeout=5)
+    await eventually(lambda: policy.seen == 2, timeout=5)  # both in flight, held by the service
+    assert await trio.to_thread.run_sync(grpc_calls, port, [None]) == ["hi"]
+    assert metric(app, "meshproxy_risk_report_dropped_total", listener="test") == 1
+    policy.release.set()
+    with trio.fail_after(10):
+        await the_filter(app).reports_sent()
+    assert policy.seen == 2 and the_filter(app)._reporter.held_bytes == 0
 
 
 async def test_report_mode_sends_a_burst_with_several_senders(
@@ -619,7 +696,8 @@ async def test_thrift_calls_allowed_and_denied(nursery: trio.Nursery, tmp_path: 
 def test_an_unknown_cluster_is_a_config_error_and_an_http2_one_is_not(tmp_path: Path) -> None:
     for cluster, says in (("nope", "unknown cluster 'nope'"), ("backend", None)):
         text = CONFIG.format(direction="ingress", protocol="http2", thrift="", match="{prefix: /}", backend=1,
-                             risk=2, access_log="{enabled: false}", filter=risk_filter(cluster=cluster))
+                             risk_cluster=one_endpoint(2),
+                             access_log="{enabled: false}", filter=risk_filter(cluster=cluster))
         if says is None:
             load(str(write_config(tmp_path, text)))  # an http2 cluster: fine
             continue

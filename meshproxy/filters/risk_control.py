@@ -112,8 +112,13 @@ MAX_REPORT_LINGER = 1.0
 MAX_GUARD_FAILURES = 1000
 # A report sender with nothing to send for this long ends; the next check starts one again.
 IDLE_EXIT = 2.0
-# Report mode: body prefixes waiting in the queue, in bytes at most (the count is report_queue).
+# Report mode: body prefixes queued or being sent, in bytes at most (the count is report_queue).
 MAX_REPORT_QUEUE_BYTES = 16 * 1024 * 1024
+# A check the call cut short (its deadline, or the caller leaving) is a timeout, counted against
+# the guard, if it waited at least this share of `timeout`: a service that cannot answer within
+# it, check after check, is as good as down to those calls (waiting costs each its whole
+# deadline); a shorter wait says nothing about the service.
+CHARGED_SHARE = 0.1
 
 DENIED = Respond(status=403, message="denied by risk control", grpc_status=status.PERMISSION_DENIED,
                  reason="risk_denied")
@@ -281,13 +286,21 @@ class RiskControlFilter(Filter):
             call.log_field("risk_mode", "report")
             return CONTINUE
         now = trio.current_time()
-        limit = now + self.timeout
-        outcome = await self.consult(request, min(limit, call.deadline), charge_timeout=limit <= call.deadline)
+        deadline = min(now + self.timeout, call.deadline)
+        try:
+            outcome = await self.consult(request, deadline, self._telling(deadline - now))
+        except trio.Cancelled:
+            call.log_field("risk_reason", risk.TIMEOUT)  # as consult counted it
+            raise
         if isinstance(outcome, str):
             return self._failed(call, outcome)
         if key is not None and self.cache is not None:
             self.cache.put(key, outcome, trio.current_time())
         return self._apply(call, outcome)
+
+    def _telling(self, wait: float) -> bool:
+        """Whether a check unanswered after `wait` seconds says the service is slow (CHARGED_SHARE)."""
+        return wait >= self.timeout * CHARGED_SHARE
 
     def _apply(self, call: Call, v: risk.Verdict) -> Continue | Respond:
         self._verdicts[v.verdict].inc()
@@ -318,8 +331,11 @@ class RiskControlFilter(Filter):
                       ) -> risk.Verdict | str:
         """Ask the risk service (through the guard): its verdict, or the failure reason.
 
-        A timeout set by the call's own deadline (``charge_timeout`` false) says
-        nothing about the risk service, so it does not count towards the guard.
+        A timeout with too little time to say anything about the risk service
+        (``charge_timeout`` false: the call's own deadline was close) does not
+        count towards the guard. A check cancelled (the call's deadline, the
+        caller left) is counted as a timeout, against the guard if it waited
+        long enough to tell.
         """
         client = self.client
         if client is None:
@@ -333,14 +349,15 @@ class RiskControlFilter(Filter):
         outcome: risk.Verdict | risk.RiskFailure | None = None
         try:
             try:
-                outcome = await client.check(request, deadline)
+                outcome = await client.check(request, deadline, charge_timeout)
             except risk.RiskFailure as e:
                 outcome = e
             except Exception as e:  # a reply no decoder foresaw: a bad reply, never a failed call
                 outcome = _unforeseen(e)
         finally:
-            if outcome is None:  # cancelled: no verdict and no failure
-                self.guard.abandon(admission)
+            if outcome is None:  # cancelled
+                end = trio.current_time()
+                self._settle(risk.RiskFailure(risk.TIMEOUT), admission, start, end, self._telling(end - start))
         return self._settle(outcome, admission, start, trio.current_time(), charge_timeout)
 
     async def consult_many(self, requests: list[risk.CheckRequest]) -> list[risk.Verdict | str]:
@@ -487,7 +504,7 @@ class _Reporter:
         self.queue: collections.deque[tuple[risk.CheckRequest, bytes | None]] = collections.deque()
         self.senders = 0
         self.gathering = 0  # senders lingering for their batch to fill
-        self.queued_bytes = 0
+        self.held_bytes = 0  # body prefixes queued or in a batch being sent: MAX_REPORT_QUEUE_BYTES bounds them
         self.in_flight = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._full = trio.lowlevel.ParkingLot()  # gathering senders, woken when a batch is full
@@ -495,11 +512,11 @@ class _Reporter:
 
     def submit(self, request: risk.CheckRequest, key: bytes | None) -> bool:
         size = len(request.body)
-        if len(self.queue) >= self.size or self.queued_bytes + size > MAX_REPORT_QUEUE_BYTES:
+        if len(self.queue) >= self.size or self.held_bytes + size > MAX_REPORT_QUEUE_BYTES:
             self.filter._dropped.inc()
             return False
         self.queue.append((request, key))
-        self.queued_bytes += size
+        self.held_bytes += size
         if len(self.queue) <= self.gathering * self.batch:
             if len(self.queue) % self.batch == 0:
                 self._full.unpark()  # a batch is full: its sender need not linger on
@@ -534,7 +551,6 @@ class _Reporter:
                 batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
                 if not batch:
                     continue  # another sender took them
-                self.queued_bytes -= sum(len(request.body) for request, _ in batch)
                 self.in_flight += len(batch)
                 try:
                     await self._send(batch)
@@ -542,6 +558,7 @@ class _Reporter:
                     log.exception("risk_control: a report sender failed")
                 finally:
                     self.in_flight -= len(batch)
+                    self.held_bytes -= sum(len(request.body) for request, _ in batch)
         finally:
             self.senders -= 1
             if not self.queue and not self.in_flight:

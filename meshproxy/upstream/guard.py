@@ -128,10 +128,11 @@ class Guard:
                 self.outlier.observe(endpoint, now, local_failure or is_gateway_error(status, grpc_status)))
         return None
 
-    def answered(self, endpoint: EndpointState, now: float) -> None:
-        """An exchange outside the proxy's call path (a risk check) got its response: no gateway error."""
+    def checked(self, endpoint: EndpointState, now: float, failed: bool) -> None:
+        """An exchange outside the proxy's call path (a risk check) ended: `failed` if it got no
+        answer (timeout, reset, an unavailable status), a gateway error; an answer resets the count."""
         if self.outlier is not None:
-            self.outlier.observe(endpoint, now, False)
+            self._ejection(self.outlier.observe(endpoint, now, failed))
 
     def connect_failed(self, endpoint: EndpointState, now: float) -> None:
         """A connect failure counts towards outlier ejection like a gateway error."""
