@@ -78,7 +78,7 @@ class TimedOut(ExchangeFailed):
 
 
 class UnaryConnection:
-    __slots__ = ("codec", "deadline", "idle_since", "sock", "timed_out")
+    __slots__ = ("broken", "codec", "deadline", "idle_since", "sock", "timed_out")
 
     def __init__(self, sock: socket.socket, max_streams: int = MAX_IN_FLIGHT) -> None:
         sock.setblocking(False)
@@ -89,6 +89,7 @@ class UnaryConnection:
         self.idle_since = 0.0
         self.deadline = math.inf  # of the exchange in progress (armed in a _Deadlines)
         self.timed_out = False  # a reply is still owed: the connection is not reused
+        self.broken = False  # it failed after the replies that stand: not reused either
 
     async def exchange(self, requests: list[tuple[list[tuple[bytes, bytes]], bytes]], max_reply: int,
                        reused: bool, deadline: float, deadlines: _Deadlines) -> list[Response]:
@@ -96,8 +97,10 @@ class UnaryConnection:
         the rest as streams end; their Responses once all have ended or `deadline` passed.
 
         A stream that failed alone ends with its Response's `error` (a reset, a
-        reply too long, TimedOut at the deadline, StreamRefused if a GOAWAY left
-        it unsent); a failed connection raises (Closed, ExchangeFailed)."""
+        reply too long, TimedOut at the deadline, StreamRefused if a GOAWAY or a
+        stream limit of 0 left it unsent, Closed if the connection closed under
+        it: the replies that ended before stand); a failed connection raises
+        (Closed, ExchangeFailed)."""
         codec = self.codec
         codec.max_reply = max_reply
         responses: list[Response] = []
@@ -110,15 +113,17 @@ class UnaryConnection:
                     headers, body = requests[len(responses)]
                     responses.append(codec.request(headers, body))
                 out = codec.data_to_send()
+                if codec.idle and len(responses) == n:
+                    if out:  # only control frames are owed (a PING ACK, a WINDOW_UPDATE): the replies stand
+                        self._send_leftover(out)
+                    return responses
                 if out:
                     await self._send(out, stale)
                     stale = False
-                if codec.idle:
-                    if len(responses) == n:
-                        return responses
-                    if codec.goaway:  # the rest can never start here, and were never sent
-                        refused = StreamRefused(REFUSED_STREAM, "GOAWAY: the request was not sent")
-                        return responses + [Response(ended=True, error=refused) for _ in range(n - len(responses))]
+                if codec.idle and (codec.goaway or (codec.settings_seen and not codec.peer_max_streams)):
+                    # The rest can never start here (RFC 9113 allows a limit of 0), and were never sent.
+                    refused = StreamRefused(REFUSED_STREAM, "the server takes no more streams: not sent")
+                    return responses + [Response(ended=True, error=refused) for _ in range(n - len(responses))]
                 if self.timed_out:
                     break
                 # The reply cannot be here the moment the request left: wait first, then read.
@@ -128,9 +133,9 @@ class UnaryConnection:
                 except BlockingIOError:
                     continue
                 except OSError as e:
-                    raise Closed(0, _error("recv", e)) from None
+                    return self._lost(responses, n, Closed(0, _error("recv", e)))
                 if not data:
-                    raise Closed(0, "connection closed by the server")
+                    return self._lost(responses, n, Closed(0, "connection closed by the server"))
                 codec.receive(data)
         except trio.ClosedResourceError:  # _Deadlines woke the wait (notify_closing)
             if not self.timed_out:
@@ -143,6 +148,26 @@ class UnaryConnection:
             if not response.ended:
                 response.error, response.ended = late, True
         return responses + [Response(ended=True, error=late) for _ in range(n - len(responses))]
+
+    def _lost(self, responses: list[Response], n: int, error: Closed) -> list[Response]:
+        """The connection closed under the exchange: the replies that ended stand, the streams
+        still open fail with `error` (they may have been processed), and the unsent are refused."""
+        self.broken = True
+        for response in responses:
+            if not response.ended:
+                response.error, response.ended = error, True
+        unsent = StreamRefused(REFUSED_STREAM, "the connection closed: not sent")
+        return responses + [Response(ended=True, error=unsent) for _ in range(n - len(responses))]
+
+    def _send_leftover(self, data: bytes) -> None:
+        """Control frames owed once every reply ended: sent if the socket takes them whole at once,
+        else the connection's state is unknown and it is not reused; the replies stand either way."""
+        try:
+            if self.sock.send(data) == len(data):
+                return
+        except OSError:  # BlockingIOError too
+            pass
+        self.broken = True
 
     async def _send(self, data: bytes, stale: bool) -> None:
         view = memoryview(data)
@@ -172,6 +197,12 @@ class UnaryConnection:
         except (ValueError, RuntimeError):
             pass
         self.sock.close()
+
+
+def _age(idle: collections.deque[UnaryConnection], now: float) -> None:
+    """Close the connections idle for IDLE_TIMEOUT, the oldest first: after a burst, the extra ones age out."""
+    while idle and now - idle[0].idle_since >= IDLE_TIMEOUT:
+        idle.popleft().close()
 
 
 def _error(what: str, e: OSError) -> str:
@@ -276,6 +307,7 @@ class UnaryConnections:
         self.busy = 0  # exchanges (a batch each) in progress, each on a connection of its own
         self._deadlines = _Deadlines()
         self._closed = False  # the cluster is gone: connections are closed after use, not kept
+        self._swept = -math.inf
 
     async def exchange_many(self, address: Address, requests: list[tuple[list[tuple[bytes, bytes]], bytes]],
                             max_reply: int, deadline: float) -> list[Response]:
@@ -313,8 +345,14 @@ class UnaryConnections:
         if idle is None:  # not setdefault: that would build a deque on every exchange
             idle = self._idle[address] = collections.deque()
         now = trio.current_time()
-        while idle and now - idle[0].idle_since >= IDLE_TIMEOUT:
-            idle.popleft().close()  # the oldest first: after a burst, the extra ones age out
+        if now - self._swept >= IDLE_TIMEOUT:
+            # Every endpoint's, now and then: one the balancer stopped picking (ejected,
+            # unhealthy) would keep its idle sockets, closed by the server, for good.
+            self._swept = now
+            for other in self._idle.values():
+                _age(other, now)
+        else:
+            _age(idle, now)
         while idle and not fresh:
             conn = idle.pop()  # the most recently used: the likeliest still open
             if conn.codec.usable and conn.looks_open():
@@ -345,11 +383,13 @@ class UnaryConnections:
             conn.close()
             raise
         finally:
-            if not reused and conn.codec.settings_seen:  # a connection's SETTINGS come first
+            # A connection's SETTINGS come first; a limit of 0 (draining) is not one to start with.
+            if not reused and conn.codec.settings_seen and conn.codec.peer_max_streams:
                 if len(self._limits) >= MAX_LIMITS_KEPT:
                     self._limits.clear()
                 self._limits[address] = conn.codec.peer_max_streams
-        if conn.codec.usable and not conn.timed_out and len(idle) < MAX_IDLE and not self._closed:
+        if (conn.codec.usable and not conn.timed_out and not conn.broken and len(idle) < MAX_IDLE
+                and not self._closed):
             conn.idle_since = trio.current_time()
             idle.append(conn)
         else:

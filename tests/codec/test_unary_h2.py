@@ -284,15 +284,20 @@ def test_the_servers_stream_limit_bounds_the_exchanges_in_flight() -> None:
 
 async def serve_h2(listener: socket.socket, replies_per_connection: int, seen: list[int], max_streams: int = 100,
                    refuse: frozenset[tuple[int, int]] = frozenset(), hold: frozenset[tuple[int, int]] = frozenset(),
-                   first_replies: int | None = None) -> None:
+                   first_replies: int | None = None, ping: bool = False, abort: bool = False,
+                   fin: bool = False, zero_after: int | None = None) -> None:
     """An h2 server: answers `replies_per_connection` requests per connection (`first_replies` on
     the first), then closes it; connections are served at once.
 
-    Stream limit `max_streams` (h2 fails the connection if a client goes past it); the
-    (connection number, stream id) pairs in `refuse` get RST_STREAM REFUSED_STREAM, those in
-    `hold` no reply at all."""
+    Stream limit `max_streams` (h2 fails the connection if a client goes past it), lowered to 0
+    once `zero_after` requests were answered; the (connection number, stream id) pairs in
+    `refuse` get RST_STREAM REFUSED_STREAM, those in `hold` no reply at all. `ping`: a PING goes
+    with each reply. `abort`: the last reply goes with a TCP reset right behind it (no
+    checkpoint between, so the client reads both at once); `fin`: with a FIN (the server
+    shuts its side, then reads until the client closes)."""
 
-    async def serve(number: int, conn: trio.SocketStream) -> None:
+    async def serve(number: int, raw: socket.socket) -> None:
+        conn = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
         s = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         s.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
@@ -313,9 +318,24 @@ async def serve_h2(listener: socket.socket, replies_per_connection: int, seen: l
                         seen.append(e.stream_id)
                         if (number, e.stream_id) in hold:
                             continue
+                        if ping:
+                            s.ping(b"12345678")
                         s.send_headers(e.stream_id, [(b":status", b"200")])
                         s.send_data(e.stream_id, b"ok", end_stream=True)
                         answered += 1
+                        if answered == zero_after:
+                            s.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+                if abort and answered >= limit:
+                    raw.send(s.data_to_send())  # small: a non-blocking send takes it whole
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    raw.close()
+                    return
+                if fin and answered >= limit:
+                    await conn.send_all(s.data_to_send())
+                    await conn.send_eof()
+                    while await conn.receive_some(65536):
+                        pass
+                    return
                 await conn.send_all(s.data_to_send())
             await trio.sleep(0.05)  # the reply is read before the close
 
@@ -325,7 +345,7 @@ async def serve_h2(listener: socket.socket, replies_per_connection: int, seen: l
             await trio.lowlevel.wait_readable(listener)
             sock, _ = listener.accept()
             connections += 1
-            nursery.start_soon(serve, connections, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+            nursery.start_soon(serve, connections, sock)
 
 
 async def against_h2(body: Callable[[Address, UnaryConnections], Awaitable[None]], replies_per_connection: int,
@@ -501,3 +521,85 @@ def test_a_settings_change_that_pushes_a_stream_window_past_the_maximum_is_a_flo
     with pytest.raises(ExchangeFailed) as e:
         c.receive(unary_h2.frame(unary_h2.SETTINGS, 0, 0, struct.pack("!HI", 4, 2**31 - 1)))
     assert e.value.code == unary_h2.FLOW_CONTROL_ERROR
+
+
+async def test_the_replies_stand_when_the_server_resets_right_after_them() -> None:
+    """A PING comes with the reply and a reset right behind: the PING ACK owed cannot be sent,
+    but the exchange is over; its reply stands, and the connection is not reused."""
+
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        for _ in range(2):
+            (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, soon())
+            assert (r.error, r.head, bytes(r.data)) == (None, [(b":status", b"200")], b"ok")
+
+    seen: list[int] = []
+    await against_h2(body, 1, seen, ping=True, abort=True)
+    assert seen == [1, 1]  # the second exchange on a fresh connection
+
+
+@pytest.mark.parametrize("end", ["fin", "abort"])
+async def test_a_connection_closed_under_a_batch_keeps_the_replies_that_ended(end: str) -> None:
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * 3, 1000, soon())
+        assert [bytes(r.data) for r in responses[:2]] == [b"ok", b"ok"]
+        assert [r.error for r in responses[:2]] == [None, None]
+        # Sent, unanswered when the connection closed: it may have been processed, so not sent again.
+        assert isinstance(responses[2].error, driver.Closed) and responses[2].ended
+
+    seen: list[int] = []
+    await against_h2(body, 2, seen, hold=frozenset({(1, 5)}), **{end: True})
+    assert seen == [1, 3, 5]
+
+
+async def test_a_reused_connection_that_fails_the_first_send_is_retried_on_a_fresh_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server reset the idle connection after the liveness peek looked (here: the peek is
+    made to miss it): nothing of the request was taken, so it goes once on a fresh connection."""
+    monkeypatch.setattr(driver.UnaryConnection, "looks_open", lambda self: True)
+
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        for _ in range(2):
+            (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, soon())
+            assert (r.error, bytes(r.data)) == (None, b"ok")
+            await trio.sleep(0.05)  # the reset arrives while the connection is idle
+
+    seen: list[int] = []
+    await against_h2(body, 1, seen, abort=True)
+    assert seen == [1, 1]
+
+
+async def test_streams_a_limit_lowered_to_0_leaves_unsent_are_refused_not_left_to_time_out() -> None:
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, soon())  # learns the limit: 1
+        start = trio.current_time()
+        responses = await lean.exchange_many(address, [(REQUEST, b"{}")] * 3, 1000, start + 5)
+        # The two the first connection could not start went on a fresh one at once, not at the deadline.
+        assert trio.current_time() - start < 2
+        assert [(r.error, bytes(r.data)) for r in responses] == [(None, b"ok")] * 3
+
+    seen: list[int] = []
+    # Each connection: a limit of 1, lowered to 0 after its second reply.
+    await against_h2(body, 10, seen, max_streams=1, zero_after=2)
+    assert seen == [1, 3, 1, 3]
+
+
+async def test_idle_connections_of_an_endpoint_no_longer_used_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "IDLE_TIMEOUT", 0.2)
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    lean = UnaryConnections(1.0)
+    seen: list[int] = []
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            listener.setblocking(False)
+            nursery.start_soon(serve_h2, listener, 10, seen)
+        a, b = (Address("tcp", "127.0.0.1", listener.getsockname()[1]) for listener in listeners)
+        await lean.exchange_many(a, [(REQUEST, b"{}")], 1000, soon())
+        assert len(lean._idle[a]) == 1
+        await trio.sleep(0.3)
+        await lean.exchange_many(b, [(REQUEST, b"{}")], 1000, soon())  # a's idle one is past IDLE_TIMEOUT
+        assert (len(lean._idle[a]), len(lean._idle[b])) == (0, 1)
+        lean.close()
+        nursery.cancel_scope.cancel()
+    for listener in listeners:
+        listener.close()
