@@ -430,7 +430,7 @@ async def test_checks_the_calls_deadline_cuts_count_against_the_guard_when_they_
     # 300ms is above a tenth of 1s: two cut checks open the guard, and the next calls fail closed at once.
     for n in (1, 2):
         assert await trio.to_thread.run_sync(lambda: grpc_calls(port, [None], timeout=0.3)) == ["DEADLINE_EXCEEDED"]
-        await eventually(lambda: failures(app, "timeout") == n)  # the proxy saw the call end (after its caller)
+        await eventually(lambda n=n: failures(app, "timeout") == n)  # the proxy saw the call end (after its caller)
     got = await trio.to_thread.run_sync(lambda: grpc_calls(port, [None] * 2, timeout=0.3))
     assert got == ["PERMISSION_DENIED"] * 2
     assert policy.seen == 2
