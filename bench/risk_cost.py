@@ -155,7 +155,7 @@ async def measure(o: argparse.Namespace, b: h.Bench, origin: int) -> dict[str, o
 
         allow = risk.Verdict(risk.ALLOW)
 
-        async def instant(r: risk.CheckRequest, deadline: float) -> risk.Verdict:
+        async def instant(r: risk.CheckRequest, deadline: float, charge_timeout: bool = True) -> risk.Verdict:
             return allow
 
         cpu = {"filter": await cpu_per_call(whole, o.n, o.reps)}
