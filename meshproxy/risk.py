@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,14 +113,15 @@ class RiskClient:
         else:
             self._head += [(b"content-type", b"application/json"), (b"accept", b"application/json")]
 
-    async def check(self, request: CheckRequest, deadline: float, charge_timeout: bool = True) -> Verdict:
+    async def check(self, request: CheckRequest, deadline: float, slow_after: float = -math.inf) -> Verdict:
         """The risk service's verdict, by the absolute trio time `deadline`; RiskFailure if none.
 
-        `charge_timeout` false: a timeout is the caller's (its own short deadline),
-        so the endpoint's outlier detection is not told of it.
+        A check still unanswered at trio time `slow_after` says its endpoint is slow: if it
+        then times out or is cancelled (the caller left), outlier detection hears of it; one
+        that ends sooner says nothing about the endpoint.
         """
         (outcome,) = await self._exchange([self._encode(request, deadline)], deadline,  # RiskFailure: raised
-                                          charge_timeout)
+                                          slow_after)
         if isinstance(outcome, RiskFailure):
             raise outcome
         return outcome
@@ -151,8 +153,9 @@ class RiskClient:
         return headers, body
 
     async def _exchange(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float,
-                        charge_timeout: bool = True) -> list[Verdict | RiskFailure]:
+                        slow_after: float = -math.inf) -> list[Verdict | RiskFailure]:
         cluster = self.cluster
+        charge_timeout = deadline >= slow_after
         n = len(exchanges)
         tried: set[int] = set()
         errors: list[str] = []
@@ -160,10 +163,14 @@ class RiskClient:
             tried.add(i)
             pool = cluster.pools[i]
             if pool.tls is not None or cluster.lean.busy >= LEAN_MAX_BUSY:
-                return await self._shared_many(exchanges, deadline, charge_timeout)
+                return await self._shared_many(exchanges, deadline, slow_after)
             cluster.stream_started(pool, n)
             try:
                 responses = await cluster.lean.exchange_many(pool.address, exchanges, MAX_REPLY_BYTES, deadline)
+            except trio.Cancelled:  # the call ended first (its deadline, the caller left)
+                if trio.current_time() >= slow_after:
+                    self._tell(pool, failed=True)
+                raise
             except unary_h2.TimedOut:  # no connection by the deadline
                 failure = RiskFailure(TIMEOUT)
             except (OSError, trio.TooSlowError) as e:  # connect failed: the next endpoint
@@ -176,7 +183,11 @@ class RiskClient:
                 failure = RiskFailure(BAD_REPLY, str(e))
             else:
                 outcomes = [self._outcome(r) for r in responses]
-                self._tell_outlier(pool, outcomes, charge_timeout)
+                # A connection lost under a batch is one event, not one per check it failed.
+                told = [o for r, o in zip(responses, outcomes, strict=True) if not isinstance(r.error, unary_h2.Closed)]
+                if len(told) < len(outcomes):
+                    told.append(RiskFailure(UNAVAILABLE))
+                self._tell_outlier(pool, told, charge_timeout)
                 return outcomes
             finally:
                 cluster.stream_done(pool, n)
@@ -221,14 +232,16 @@ class RiskClient:
             guard.checked(pool, trio.current_time(), failed)
 
     async def _shared_many(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float,
-                           charge_timeout: bool) -> list[Verdict | RiskFailure]:
+                           slow_after: float) -> list[Verdict | RiskFailure]:
         results: list[Verdict | RiskFailure] = [RiskFailure(TIMEOUT)] * len(exchanges)
 
         async def one(i: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
             try:
-                results[i] = await self._shared_exchange(headers, body, deadline, charge_timeout)
+                results[i] = await self._shared_exchange(headers, body, deadline, slow_after)
             except ProxyError as e:  # no endpoint took the stream (down, overflow)
                 results[i] = RiskFailure(UNAVAILABLE, e.message)
+            except StreamReset as e:  # from open_stream: a connection that cannot take a stream any more
+                results[i] = RiskFailure(UNAVAILABLE, str(e))
 
         with trio.move_on_at(deadline):
             if len(exchanges) == 1:
@@ -240,7 +253,7 @@ class RiskClient:
         return results
 
     async def _shared_exchange(self, headers: list[tuple[bytes, bytes]], body: bytes, deadline: float,
-                               charge_timeout: bool) -> Verdict | RiskFailure:
+                               slow_after: float) -> Verdict | RiskFailure:
         cluster = self.cluster
         pool, link, stream = await cluster.open_stream(headers, False)
         outcome: Verdict | RiskFailure | None = None
@@ -252,9 +265,9 @@ class RiskClient:
             return outcome
         finally:
             if outcome is not None:
-                self._tell_outlier(pool, [outcome], charge_timeout)
-            elif trio.current_time() >= deadline:  # cancelled by it (_shared_many's), not by the caller leaving
-                self._tell_outlier(pool, [RiskFailure(TIMEOUT)], charge_timeout)
+                self._tell_outlier(pool, [outcome], deadline >= slow_after)
+            elif trio.current_time() >= slow_after:  # cancelled (the deadline, the caller left) when slow
+                self._tell(pool, failed=True)
             # As the proxy does with its upstream streams: a finished stream is
             # forgotten, an unfinished one (timeout, bad reply) reset.
             if stream.done:

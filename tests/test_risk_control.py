@@ -405,6 +405,30 @@ async def test_a_hanging_endpoint_of_the_risk_cluster_is_ejected(
     assert not the_filter(app).guard.is_open
 
 
+async def test_a_hanging_endpoint_is_ejected_when_callers_deadlines_cut_its_checks(
+    nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
+) -> None:
+    """The same with `timeout` above the callers' deadlines: the call's end cancels the check,
+    and outlier detection must hear of it all the same."""
+    hanging = RiskPolicy()
+    hanging.hold_all = True
+    with grpc_risk_server(hanging) as (hanging_port, _):
+        cluster = {"name": "risk", "protocol": "http2", "lb": "round_robin",
+                   "endpoints": [f"127.0.0.1:{risk_server}", f"127.0.0.1:{hanging_port}"],
+                   "outlier": {"consecutive_errors": 2, "base_ejection": "60s"}}
+        app = await start(nursery, tmp_path, backend, 0, risk_cluster=cluster, timeout="1s", guard={"failures": 3})
+        port = listen_port(app)
+        got = []
+        for _ in range(8):
+            got += await trio.to_thread.run_sync(lambda: grpc_calls(port, [None], timeout=0.3))
+            cut = got.count("DEADLINE_EXCEEDED")
+            await eventually(lambda cut=cut: failures(app, "timeout") == cut)  # the proxy saw it end
+    assert got.count("DEADLINE_EXCEEDED") == 2 and got[-4:] == ["hi"] * 4
+    assert hanging.seen == 2
+    assert metric(app, "meshproxy_outlier_ejections_total", destination_service="risk",
+                  reason="consecutive_errors") == 1
+
+
 async def test_a_check_the_calls_deadline_cut_short_early_does_not_trip_the_guard(
     nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
 ) -> None:

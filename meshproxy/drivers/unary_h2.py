@@ -118,10 +118,16 @@ class UnaryConnection:
                         self._send_leftover(out)
                     return responses
                 if out:
-                    await self._send(out, stale)
+                    try:
+                        await self._send(out, stale)
+                    except _Stale:
+                        raise  # nothing was processed: the caller sends it all again
+                    except Closed as e:  # a later write: what ended stands, as when a read fails
+                        return self._lost(responses, n, e)
                     stale = False
-                if codec.idle and (codec.goaway or (codec.settings_seen and not codec.peer_max_streams)):
-                    # The rest can never start here (RFC 9113 allows a limit of 0), and were never sent.
+                if codec.idle and not codec.usable:
+                    # The rest can never start here (a GOAWAY, a stream limit of 0, which RFC 9113
+                    # allows, or stream ids run out), and were never sent.
                     refused = StreamRefused(REFUSED_STREAM, "the server takes no more streams: not sent")
                     return responses + [Response(ended=True, error=refused) for _ in range(n - len(responses))]
                 if self.timed_out:

@@ -115,7 +115,7 @@ IDLE_EXIT = 2.0
 # Report mode: body prefixes queued or being sent, in bytes at most (the count is report_queue).
 MAX_REPORT_QUEUE_BYTES = 16 * 1024 * 1024
 # A check the call cut short (its deadline, or the caller leaving) is a timeout, counted against
-# the guard, if it waited at least this share of `timeout`: a service that cannot answer within
+# the guard and the endpoint's outlier detection if it waited at least this share of `timeout`: a service that cannot answer within
 # it, check after check, is as good as down to those calls (waiting costs each its whole
 # deadline); a shorter wait says nothing about the service.
 CHARGED_SHARE = 0.1
@@ -288,7 +288,7 @@ class RiskControlFilter(Filter):
         now = trio.current_time()
         deadline = min(now + self.timeout, call.deadline)
         try:
-            outcome = await self.consult(request, deadline, self._telling(deadline - now))
+            outcome = await self.consult(request, deadline, now + self.timeout * CHARGED_SHARE)
         except trio.Cancelled:
             call.log_field("risk_reason", risk.TIMEOUT)  # as consult counted it
             raise
@@ -297,10 +297,6 @@ class RiskControlFilter(Filter):
         if key is not None and self.cache is not None:
             self.cache.put(key, outcome, trio.current_time())
         return self._apply(call, outcome)
-
-    def _telling(self, wait: float) -> bool:
-        """Whether a check unanswered after `wait` seconds says the service is slow (CHARGED_SHARE)."""
-        return wait >= self.timeout * CHARGED_SHARE
 
     def _apply(self, call: Call, v: risk.Verdict) -> Continue | Respond:
         self._verdicts[v.verdict].inc()
@@ -327,15 +323,14 @@ class RiskControlFilter(Filter):
         call.log_field("risk", "fail_open")
         return CONTINUE
 
-    async def consult(self, request: risk.CheckRequest, deadline: float, charge_timeout: bool = True
+    async def consult(self, request: risk.CheckRequest, deadline: float, slow_after: float = -math.inf
                       ) -> risk.Verdict | str:
         """Ask the risk service (through the guard): its verdict, or the failure reason.
 
-        A timeout with too little time to say anything about the risk service
-        (``charge_timeout`` false: the call's own deadline was close) does not
-        count towards the guard. A check cancelled (the call's deadline, the
-        caller left) is counted as a timeout, against the guard if it waited
-        long enough to tell.
+        A check cancelled (the call's deadline, the caller left) is counted as a
+        timeout. A timeout counts towards the guard only if the check was still
+        unanswered at `slow_after`: one cut sooner by the call says nothing
+        about the risk service.
         """
         client = self.client
         if client is None:
@@ -349,7 +344,7 @@ class RiskControlFilter(Filter):
         outcome: risk.Verdict | risk.RiskFailure | None = None
         try:
             try:
-                outcome = await client.check(request, deadline, charge_timeout)
+                outcome = await client.check(request, deadline, slow_after)
             except risk.RiskFailure as e:
                 outcome = e
             except Exception as e:  # a reply no decoder foresaw: a bad reply, never a failed call
@@ -357,8 +352,8 @@ class RiskControlFilter(Filter):
         finally:
             if outcome is None:  # cancelled
                 end = trio.current_time()
-                self._settle(risk.RiskFailure(risk.TIMEOUT), admission, start, end, self._telling(end - start))
-        return self._settle(outcome, admission, start, trio.current_time(), charge_timeout)
+                self._settle(risk.RiskFailure(risk.TIMEOUT), admission, start, end, end >= slow_after)
+        return self._settle(outcome, admission, start, trio.current_time(), deadline >= slow_after)
 
     async def consult_many(self, requests: list[risk.CheckRequest]) -> list[risk.Verdict | str]:
         """consult() for a batch, each bounded by `timeout`: sent together while the guard is closed.

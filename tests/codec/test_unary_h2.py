@@ -531,6 +531,7 @@ async def test_the_replies_stand_when_the_server_resets_right_after_them() -> No
         for _ in range(2):
             (r,) = await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, soon())
             assert (r.error, r.head, bytes(r.data)) == (None, [(b":status", b"200")], b"ok")
+            assert not lean._idle[address]  # the PING ACK could not go: not kept for reuse
 
     seen: list[int] = []
     await against_h2(body, 1, seen, ping=True, abort=True)
@@ -549,6 +550,21 @@ async def test_a_connection_closed_under_a_batch_keeps_the_replies_that_ended(en
     seen: list[int] = []
     await against_h2(body, 2, seen, hold=frozenset({(1, 5)}), **{end: True})
     assert seen == [1, 3, 5]
+
+
+async def test_a_write_that_fails_later_in_a_batch_keeps_the_replies_that_ended() -> None:
+    """The server allows one stream at a time: the second request goes out when the first
+    reply ends, and that write meets the reset that came with the reply."""
+
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        await lean.exchange_many(address, [(REQUEST, b"{}")], 1000, soon())  # learns the limit: 1
+        first, second = await lean.exchange_many(address, [(REQUEST, b"{}")] * 2, 1000, soon())
+        assert (first.error, bytes(first.data)) == (None, b"ok")
+        assert isinstance(second.error, driver.Closed) and second.ended
+
+    seen: list[int] = []
+    await against_h2(body, 1, seen, max_streams=1, abort=True)
+    assert seen == [1, 1]
 
 
 async def test_a_reused_connection_that_fails_the_first_send_is_retried_on_a_fresh_one(
