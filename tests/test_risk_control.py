@@ -13,6 +13,7 @@ import collections
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -383,25 +384,35 @@ async def test_the_guard_stops_calling_a_hanging_service(
     assert metric(app, "meshproxy_risk_fail_open_total", listener="test") == 8
 
 
+@contextmanager
+def and_a_hanging_endpoint(good_port: int) -> Iterator[tuple[RiskPolicy, dict[str, Any]]]:
+    """A second grpcio risk server, holding every check, and a round-robin risk cluster of
+    both endpoints that ejects one after two gateway errors in a row."""
+    hanging = RiskPolicy()
+    hanging.hold_all = True
+    with grpc_risk_server(hanging) as (hanging_port, _):
+        yield hanging, {"name": "risk", "protocol": "http2", "lb": "round_robin",
+                        "endpoints": [f"127.0.0.1:{good_port}", f"127.0.0.1:{hanging_port}"],
+                        "outlier": {"consecutive_errors": 2, "base_ejection": "60s"}}
+
+
+def ejections(app: App) -> float:
+    return metric(app, "meshproxy_outlier_ejections_total", destination_service="risk", reason="consecutive_errors")
+
+
 async def test_a_hanging_endpoint_of_the_risk_cluster_is_ejected(
     nursery: trio.Nursery, tmp_path: Path, policy: RiskPolicy, risk_server: int, backend: int,
 ) -> None:
     """Checks tell the risk cluster's outlier detection when they get no answer: with the good
     endpoint answering every other check the guard never opens, so ejection is what helps."""
-    hanging = RiskPolicy()
-    hanging.hold_all = True
-    with grpc_risk_server(hanging) as (hanging_port, _):
-        cluster = {"name": "risk", "protocol": "http2", "lb": "round_robin",
-                   "endpoints": [f"127.0.0.1:{risk_server}", f"127.0.0.1:{hanging_port}"],
-                   "outlier": {"consecutive_errors": 2, "base_ejection": "60s"}}
+    with and_a_hanging_endpoint(risk_server) as (hanging, cluster):
         app = await start(nursery, tmp_path, backend, 0, risk_cluster=cluster, timeout="100ms", failure_mode="deny",
                           guard={"failures": 3})
         got = await trio.to_thread.run_sync(grpc_calls, listen_port(app), [None] * 10)
     assert got.count("PERMISSION_DENIED") == 2  # the hanging endpoint's two timeouts; then it is out
     assert got[-5:] == ["hi"] * 5
     assert (hanging.seen, policy.seen) == (2, 8)
-    assert metric(app, "meshproxy_outlier_ejections_total", destination_service="risk",
-                  reason="consecutive_errors") == 1
+    assert ejections(app) == 1
     assert not the_filter(app).guard.is_open
 
 
@@ -410,12 +421,7 @@ async def test_a_hanging_endpoint_is_ejected_when_callers_deadlines_cut_its_chec
 ) -> None:
     """The same with `timeout` above the callers' deadlines: the call's end cancels the check,
     and outlier detection must hear of it all the same."""
-    hanging = RiskPolicy()
-    hanging.hold_all = True
-    with grpc_risk_server(hanging) as (hanging_port, _):
-        cluster = {"name": "risk", "protocol": "http2", "lb": "round_robin",
-                   "endpoints": [f"127.0.0.1:{risk_server}", f"127.0.0.1:{hanging_port}"],
-                   "outlier": {"consecutive_errors": 2, "base_ejection": "60s"}}
+    with and_a_hanging_endpoint(risk_server) as (hanging, cluster):
         app = await start(nursery, tmp_path, backend, 0, risk_cluster=cluster, timeout="1s", guard={"failures": 3})
         port = listen_port(app)
         got = []
@@ -424,9 +430,7 @@ async def test_a_hanging_endpoint_is_ejected_when_callers_deadlines_cut_its_chec
             cut = got.count("DEADLINE_EXCEEDED")
             await eventually(lambda cut=cut: failures(app, "timeout") == cut)  # the proxy saw it end
     assert got.count("DEADLINE_EXCEEDED") == 2 and got[-4:] == ["hi"] * 4
-    assert hanging.seen == 2
-    assert metric(app, "meshproxy_outlier_ejections_total", destination_service="risk",
-                  reason="consecutive_errors") == 1
+    assert hanging.seen == 2 and ejections(app) == 1
 
 
 async def test_a_check_the_calls_deadline_cut_short_early_does_not_trip_the_guard(
