@@ -183,9 +183,11 @@ class RiskClient:
                 failure = RiskFailure(BAD_REPLY, str(e))
             else:
                 outcomes = [self._outcome(r) for r in responses]
-                # A connection lost under a batch is one event, not one per check it failed.
-                told = [o for r, o in zip(responses, outcomes, strict=True) if not isinstance(r.error, unary_h2.Closed)]
-                if len(told) < len(outcomes):
+                # A connection lost under a batch is one event, not one per check it failed;
+                # refused checks were not processed, so they say nothing about the endpoint.
+                told = [o for r, o in zip(responses, outcomes, strict=True)
+                        if not isinstance(r.error, unary_h2.Closed | unary_h2.StreamRefused)]
+                if any(isinstance(r.error, unary_h2.Closed) for r in responses):
                     told.append(RiskFailure(UNAVAILABLE))
                 self._tell_outlier(pool, told, charge_timeout)
                 return outcomes
