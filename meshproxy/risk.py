@@ -216,8 +216,8 @@ class RiskClient:
     def _tell_outlier(self, pool: EndpointPool, outcomes: Sequence[Verdict | RiskFailure],
                       charge_timeout: bool) -> None:
         """Tell the cluster's outlier detection how checks on `pool` went: an answer (a verdict, a
-        bad reply) resets its count, no answer (a reset, an unavailable status, a timeout unless
-        the caller's own deadline set it) adds to it."""
+        bad reply) resets its count, no answer (a reset, an unavailable status, a timeout if
+        `charge_timeout`: the check was still unanswered at its slow_after) adds to it."""
         if self.cluster.guard.outlier is None:
             return
         for outcome in outcomes:

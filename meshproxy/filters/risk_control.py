@@ -115,9 +115,9 @@ IDLE_EXIT = 2.0
 # Report mode: body prefixes queued or being sent, in bytes at most (the count is report_queue).
 MAX_REPORT_QUEUE_BYTES = 16 * 1024 * 1024
 # A check the call cut short (its deadline, or the caller leaving) is a timeout, counted against
-# the guard and the endpoint's outlier detection if it waited at least this share of `timeout`: a service that cannot answer within
-# it, check after check, is as good as down to those calls (waiting costs each its whole
-# deadline); a shorter wait says nothing about the service.
+# the guard and the endpoint's outlier detection if it waited at least this share of `timeout`:
+# a service that cannot answer within it, check after check, is as good as down to those calls
+# (waiting costs each its whole deadline); a shorter wait says nothing about the service.
 CHARGED_SHARE = 0.1
 
 DENIED = Respond(status=403, message="denied by risk control", grpc_status=status.PERMISSION_DENIED,
