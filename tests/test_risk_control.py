@@ -10,7 +10,9 @@ No test asserts a duration: "report mode does not wait" is shown by order
 from __future__ import annotations
 
 import collections
+import functools
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -735,3 +737,31 @@ def test_an_unknown_cluster_is_a_config_error_and_an_http2_one_is_not(tmp_path: 
         with pytest.raises(ConfigError) as e:
             load(str(write_config(tmp_path, text)))
         assert f"listeners[0].filters[0].cluster: {says}" in "\n".join(e.value.lines)
+
+
+async def test_refused_checks_say_nothing_to_outlier_detection(nursery: trio.Nursery) -> None:
+    """Checks the service refused (RST_STREAM REFUSED_STREAM: not processed), here on the first
+    connection and on the fresh one they are sent again on, do not count as gateway errors."""
+    from prometheus_client import CollectorRegistry
+
+    from meshproxy.config import Cluster as ClusterConfig
+    from meshproxy.config import Outlier
+    from meshproxy.metrics import Metrics
+    from meshproxy.upstream.cluster import Cluster
+    from meshproxy.values import parse_address
+    from tests.codec.test_unary_h2 import serve_h2
+
+    listener = socket.create_server((HOST, 0))
+    listener.setblocking(False)
+    nursery.start_soon(functools.partial(serve_h2, listener, 10, [],
+                                         refuse=frozenset((c, s) for c in (1, 2) for s in (1, 3, 5))))
+    config = ClusterConfig("risk", "http2", (parse_address(f"{HOST}:{listener.getsockname()[1]}"),),
+                           outlier=Outlier(consecutive_errors=2))
+    cluster = Cluster(config, nursery, Metrics.create(CollectorRegistry()))
+    client = risk.RiskClient(cluster, "json", "/v1/risk/check", "risk")
+    request = risk.CheckRequest(request_id="r", source_service="a", destination_service="b", path="/")
+    outcomes = await client.check_many([request] * 3, trio.current_time() + 5)
+    assert [o.reason for o in outcomes if isinstance(o, risk.RiskFailure)] == [risk.UNAVAILABLE] * 3
+    assert not cluster.pools[0].ejected(trio.current_time())  # three refusals, no gateway error
+    cluster.lean.close()
+    listener.close()
