@@ -183,13 +183,8 @@ class RiskClient:
                 failure = RiskFailure(BAD_REPLY, str(e))
             else:
                 outcomes = [self._outcome(r) for r in responses]
-                # A connection lost under a batch is one event, not one per check it failed;
-                # refused checks were not processed, so they say nothing about the endpoint.
-                told = [o for r, o in zip(responses, outcomes, strict=True)
-                        if not isinstance(r.error, unary_h2.Closed | unary_h2.StreamRefused)]
-                if any(isinstance(r.error, unary_h2.Closed) for r in responses):
-                    told.append(RiskFailure(UNAVAILABLE))
-                self._tell_outlier(pool, told, charge_timeout)
+                if cluster.guard.outlier is not None:  # else nothing to build on every check
+                    self._tell_outlier(pool, _told(responses, outcomes), charge_timeout)
                 return outcomes
             finally:
                 cluster.stream_done(pool, n)
@@ -319,6 +314,16 @@ class RiskClient:
             return decode_verdict(data[5:])
         except BadReply as e:
             raise RiskFailure(BAD_REPLY, str(e)) from None
+
+
+def _told(responses: list[unary_h2.Response], outcomes: list[Verdict | RiskFailure]) -> list[Verdict | RiskFailure]:
+    """What outlier detection hears of a lean exchange: a connection lost under a batch is one
+    event, not one per check it failed; refused checks were not processed, so they say nothing."""
+    told = [o for r, o in zip(responses, outcomes, strict=True)
+            if not isinstance(r.error, unary_h2.Closed | unary_h2.StreamRefused)]
+    if any(isinstance(r.error, unary_h2.Closed) for r in responses):
+        told.append(RiskFailure(UNAVAILABLE))
+    return told
 
 
 def client_for(clusters: Any, name: str, protocol: str, path: str, authority: str) -> RiskClient | None:
