@@ -20,6 +20,11 @@ Then --rounds rounds of h2load at concurrency 1 (p50 of --calls calls) against
 two listeners of that App, one plain and one with the enforce filter,
 alternating: their difference is the check inside a whole proxied call, which
 costs more than the same check alone (the call's work keeps the caches cold).
+Each round also takes the wall-clock p50 of --calls exchanges of the floor,
+of the same codec over a blocking socket (no trio: the event loop's share),
+and of the risk service itself as risk_run.py measures it (h2load POSTing
+the check): what the floor alone adds beyond the risk service bounds what
+any Python enforce check can reach on this machine.
 """
 
 from __future__ import annotations
@@ -108,13 +113,49 @@ def floor_exchange(sock: socket.socket, headers: list[tuple[bytes, bytes]], body
     return one
 
 
-async def p50(port: int, n: int, log: Path) -> int:
+def headers_value(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    return f"{name.decode()}: {dict(headers)[name].decode()}"
+
+
+def blocking_exchange(sock: socket.socket, headers: list[tuple[bytes, bytes]], body: bytes
+                      ) -> Callable[[], Awaitable[None]]:
+    """The floor with a blocking recv in place of trio's readiness wait (a bench only: it stalls the loop)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(5)
+    codec = UnaryClient(risk.MAX_REPLY_BYTES)
+
+    async def one() -> None:
+        response = codec.request(headers, body)
+        sock.sendall(codec.data_to_send())
+        while not response.ended:
+            codec.receive(sock.recv(65536))
+            out = codec.data_to_send()
+            if out:
+                sock.sendall(out)
+        if response.error is not None or response.head is None or response.head[0] != (b":status", b"200"):
+            raise RuntimeError(f"blocking floor: bad reply {response}")
+
+    return one
+
+
+async def wall_p50(fn: Callable[[], Awaitable[None]], n: int) -> int:
+    """The p50 in µs of n awaits of fn(), wall clock."""
+    lat = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await fn()
+        lat.append(time.perf_counter() - start)
+    lat.sort()
+    return round(lat[n // 2] * 1e6)
+
+
+async def p50(url: str, n: int, log: Path, extra: tuple[str, ...] = ()) -> int:
     log.unlink(missing_ok=True)
     r, out = await trio.to_thread.run_sync(
-        lambda: h.h2load(["-n", str(n), "-c", "1", "--log-file", str(log), f"http://127.0.0.1:{port}/small"], 120))
+        lambda: h.h2load([*extra, "-n", str(n), "-c", "1", "--log-file", str(log), url], 120))
     lines = log.read_text().splitlines() if log.exists() else []
     if r.get("exit") != 0 or len(lines) != n or {line.split("\t")[1] for line in lines} != {"200"}:
-        raise RuntimeError(f"h2load against :{port} failed\n{out}")
+        raise RuntimeError(f"h2load {url} failed\n{out}")
     lat = sorted(int(line.split("\t")[2]) for line in lines)
     return lat[len(lat) // 2]
 
@@ -169,18 +210,38 @@ async def measure(o: argparse.Namespace, b: h.Bench, origin: int) -> dict[str, o
         print("CPU µs per check:", json.dumps(cpu), flush=True)
         result["cpu_us_per_check"] = cpu
 
-        rounds: dict[str, list[int]] = {"plain": [], "risk": []}
-        for name, port in ports.items():  # warm both listeners' connections
-            await p50(port, 500, b.dir / f"lat-{name}.log")
-        for i in range(o.rounds):
-            for name, port in ports.items():
-                rounds[name].append(await p50(port, o.calls, b.dir / f"lat-{name}.log"))
-            print(f"round {i + 1}: p50 µs plain {rounds['plain'][-1]}, with the check {rounds['risk'][-1]}",
-                  flush=True)
-        added = [r - p for p, r in zip(rounds["plain"], rounds["risk"], strict=True)]
+        check_body = b.dir / "risk-check-body"
+        check_body.write_bytes(body)
+        risk_service = (f"http://127.0.0.1:{origin}/v1/risk/check", "-d", str(check_body),
+                        "-H", headers_value(headers, b"content-type"))
+        urls = {name: f"http://127.0.0.1:{port}/small" for name, port in ports.items()}
+        rounds: dict[str, list[int]] = {"plain": [], "risk": [], "risk_service": [], "floor": [], "floor_blocking": []}
+        with socket.create_connection(("127.0.0.1", origin)) as sock, \
+                socket.create_connection(("127.0.0.1", origin)) as blocking:
+            floor = floor_exchange(sock, headers, body)
+            floor_blocking = blocking_exchange(blocking, headers, body)
+            for name, url in urls.items():  # warm both listeners' connections
+                await p50(url, 500, b.dir / f"lat-{name}.log")
+            for i in range(o.rounds):
+                for name, url in urls.items():
+                    rounds[name].append(await p50(url, o.calls, b.dir / f"lat-{name}.log"))
+                rounds["risk_service"].append(await p50(risk_service[0], o.calls, b.dir / "lat-risk-service.log",
+                                                        risk_service[1:]))
+                rounds["floor"].append(await wall_p50(floor, o.calls))
+                rounds["floor_blocking"].append(await wall_p50(floor_blocking, o.calls))
+                print(f"round {i + 1}: p50 µs", json.dumps({k: v[-1] for k, v in rounds.items()}), flush=True)
+
+        def median_gap(a: str, b: str) -> float:
+            return statistics.median(x - y for x, y in zip(rounds[a], rounds[b], strict=True))
+
         result["p50_us"] = rounds
-        result["check_in_a_call_us"] = statistics.median(added) if added else None
-        print("the check inside a proxied call adds (median p50 difference, µs):", result["check_in_a_call_us"])
+        if o.rounds:
+            result["check_in_a_call_us"] = median_gap("risk", "plain")
+            result["floor_beyond_risk_service_us"] = median_gap("floor", "risk_service")
+            result["floor_blocking_beyond_risk_service_us"] = median_gap("floor_blocking", "risk_service")
+            result["enforce_beyond_risk_service_us"] = statistics.median(
+                r - p - s for r, p, s in zip(rounds["risk"], rounds["plain"], rounds["risk_service"], strict=True))
+            print("medians of the rounds (µs):", json.dumps({k: v for k, v in result.items() if k.endswith("_us")}))
         nursery.cancel_scope.cancel()
     return result
 
