@@ -231,14 +231,20 @@ class RiskClient:
     async def _shared_many(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float,
                            slow_after: float) -> list[Verdict | RiskFailure]:
         results: list[Verdict | RiskFailure] = [RiskFailure(TIMEOUT)] * len(exchanges)
+        lost: set[ClientLink] = set()  # connections lost under these checks: one outlier event each
 
         async def one(i: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-            try:
-                results[i] = await self._shared_exchange(headers, body, deadline, slow_after)
-            except ProxyError as e:  # no endpoint took the stream (down, overflow)
-                results[i] = RiskFailure(UNAVAILABLE, e.message)
-            except StreamReset as e:  # from open_stream: a connection that cannot take a stream any more
-                results[i] = RiskFailure(UNAVAILABLE, str(e))
+            for again in (False, True):
+                try:
+                    results[i] = await self._shared_exchange(headers, body, deadline, slow_after, lost)
+                    return
+                except ProxyError as e:  # no endpoint took the stream (down, overflow)
+                    results[i] = RiskFailure(UNAVAILABLE, e.message)
+                    return
+                except StreamReset as e:  # refused (not processed), or from open_stream: a connection that
+                    results[i] = RiskFailure(UNAVAILABLE, str(e))  # cannot take a stream any more
+                    if e.code != ErrorCodes.REFUSED_STREAM or again:
+                        return  # else sent once more, as the lean path does
 
         with trio.move_on_at(deadline):
             if len(exchanges) == 1:
@@ -250,18 +256,30 @@ class RiskClient:
         return results
 
     async def _shared_exchange(self, headers: list[tuple[bytes, bytes]], body: bytes, deadline: float,
-                               slow_after: float) -> Verdict | RiskFailure:
+                               slow_after: float, lost: set[ClientLink]) -> Verdict | RiskFailure:
+        """One check on the shared connections. A refused stream's StreamReset is raised (it was not
+        processed: it tells outlier detection nothing); a connection lost under it is told once for all
+        the checks in `lost`, as the lean path tells a connection lost under a batch."""
         cluster = self.cluster
         pool, link, stream = await cluster.open_stream(headers, False)
         outcome: Verdict | RiskFailure | None = None
+        tell = True
         try:
             outcome = await self._shared_reply(link, stream, body)
             return outcome
         except StreamReset as e:
+            if e.code == ErrorCodes.REFUSED_STREAM:
+                tell = False
+                raise
             outcome = RiskFailure(UNAVAILABLE, str(e))
+            if e.code == ErrorCodes.CONNECT_ERROR:  # the connection went (drivers/h2.py)
+                tell = link not in lost
+                lost.add(link)
             return outcome
         finally:
-            if outcome is not None:
+            if not tell:
+                pass
+            elif outcome is not None:
                 self._tell_outlier(pool, [outcome], deadline >= slow_after)
             elif trio.current_time() >= slow_after:  # cancelled (the deadline, the caller left) when slow
                 self._tell(pool, failed=True)

@@ -739,9 +739,10 @@ def test_an_unknown_cluster_is_a_config_error_and_an_http2_one_is_not(tmp_path: 
         assert f"listeners[0].filters[0].cluster: {says}" in "\n".join(e.value.lines)
 
 
-async def test_refused_checks_say_nothing_to_outlier_detection(nursery: trio.Nursery) -> None:
-    """Checks the service refused (RST_STREAM REFUSED_STREAM: not processed), here on the first
-    connection and on the fresh one they are sent again on, do not count as gateway errors."""
+def h2_risk_cluster(nursery: trio.Nursery, seen: list[int], replies_per_connection: int = 10,
+                    **server: Any) -> tuple[risk.RiskClient, Any]:
+    """A JSON RiskClient on a cluster (outlier detection: 2 consecutive errors) of one serve_h2
+    endpoint, which answers 200 "ok" (a bad reply) unless `server` says otherwise."""
     from prometheus_client import CollectorRegistry
 
     from meshproxy.config import Cluster as ClusterConfig
@@ -753,15 +754,65 @@ async def test_refused_checks_say_nothing_to_outlier_detection(nursery: trio.Nur
 
     listener = socket.create_server((HOST, 0))
     listener.setblocking(False)
-    nursery.start_soon(functools.partial(serve_h2, listener, 10, [],
-                                         refuse=frozenset((c, s) for c in (1, 2) for s in (1, 3, 5))))
+    nursery.start_soon(functools.partial(serve_h2, listener, replies_per_connection, seen, **server))
     config = ClusterConfig("risk", "http2", (parse_address(f"{HOST}:{listener.getsockname()[1]}"),),
                            outlier=Outlier(consecutive_errors=2))
     cluster = Cluster(config, nursery, Metrics.create(CollectorRegistry()))
-    client = risk.RiskClient(cluster, "json", "/v1/risk/check", "risk")
-    request = risk.CheckRequest(request_id="r", source_service="a", destination_service="b", path="/")
-    outcomes = await client.check_many([request] * 3, trio.current_time() + 5)
-    assert [o.reason for o in outcomes if isinstance(o, risk.RiskFailure)] == [risk.UNAVAILABLE] * 3
-    assert not cluster.pools[0].ejected(trio.current_time())  # three refusals, no gateway error
-    cluster.lean.close()
-    listener.close()
+    return risk.RiskClient(cluster, "json", "/v1/risk/check", "risk"), cluster
+
+
+CHECK = risk.CheckRequest(request_id="r", source_service="a", destination_service="b", path="/")
+
+
+def reasons(outcomes: list[risk.Verdict | risk.RiskFailure]) -> list[str]:
+    return [o.reason if isinstance(o, risk.RiskFailure) else o.verdict for o in outcomes]
+
+
+async def one_connection(client: risk.RiskClient) -> None:
+    """One check, so that the batch after it shares that connection (the shared pool would open
+    several for a batch that finds none)."""
+    with pytest.raises(risk.RiskFailure, match=risk.BAD_REPLY):
+        await client.check(CHECK, trio.current_time() + 5)
+
+
+@pytest.mark.parametrize("path", ["lean", "shared"])
+async def test_refused_checks_say_nothing_to_outlier_detection(nursery: trio.Nursery, path: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checks the service refused (RST_STREAM REFUSED_STREAM: not processed), here the first time
+    and again when they are sent once more, do not count as gateway errors."""
+    if path == "shared":
+        monkeypatch.setattr(risk, "LEAN_MAX_BUSY", 0)
+    everything = frozenset((c, s) for c in range(1, 8) for s in range(1, 16, 2))
+    client, cluster = h2_risk_cluster(nursery, [], refuse=everything)
+    outcomes = await client.check_many([CHECK] * 3, trio.current_time() + 5)
+    assert reasons(outcomes) == [risk.UNAVAILABLE] * 3
+    assert not cluster.pools[0].ejected(trio.current_time())  # six refusals, no gateway error
+    await cluster.close(1)
+
+
+async def test_refused_checks_on_the_shared_connections_are_sent_once_more(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(risk, "LEAN_MAX_BUSY", 0)
+    seen: list[int] = []
+    client, cluster = h2_risk_cluster(nursery, seen, refuse=frozenset((1, s) for s in (3, 5, 7)))
+    await one_connection(client)
+    outcomes = await client.check_many([CHECK] * 3, trio.current_time() + 5)
+    assert reasons(outcomes) == [risk.BAD_REPLY] * 3  # answered ("ok" is no verdict) the second time
+    assert len(seen) == 1 + 3
+    await cluster.close(1)
+
+
+@pytest.mark.parametrize("path", ["lean", "shared"])
+async def test_a_connection_lost_under_a_batch_is_one_gateway_error(nursery: trio.Nursery, path: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server answers one check of three and closes the connection: the two it held fail,
+    and outlier detection (2 consecutive errors eject) hears of one failure, not two."""
+    if path == "shared":
+        monkeypatch.setattr(risk, "LEAN_MAX_BUSY", 0)
+    client, cluster = h2_risk_cluster(nursery, [], replies_per_connection=2,
+                                      hold=frozenset((1, s) for s in (5, 7)))
+    await one_connection(client)
+    outcomes = await client.check_many([CHECK] * 3, trio.current_time() + 5)
+    assert sorted(reasons(outcomes)) == [risk.BAD_REPLY, risk.UNAVAILABLE, risk.UNAVAILABLE]
+    assert not cluster.pools[0].ejected(trio.current_time())
+    await cluster.close(1)
