@@ -336,11 +336,13 @@ class RiskClient:
 
 def _told(responses: list[unary_h2.Response], outcomes: list[Verdict | RiskFailure]) -> list[Verdict | RiskFailure]:
     """What outlier detection hears of a lean exchange: a connection lost under a batch is one
-    event, not one per check it failed; refused checks were not processed, so they say nothing."""
+    event, not one per check it failed, and so is a failed connect to send refused checks again;
+    refused checks were not processed, so they say nothing."""
     told = [o for r, o in zip(responses, outcomes, strict=True)
             if not isinstance(r.error, unary_h2.Closed | unary_h2.StreamRefused)]
-    if any(isinstance(r.error, unary_h2.Closed) for r in responses):
-        told.append(RiskFailure(UNAVAILABLE))
+    for lost in (unary_h2.Closed, unary_h2.NotReconnected):
+        if any(isinstance(r.error, lost) for r in responses):
+            told.append(RiskFailure(UNAVAILABLE))
     return told
 
 

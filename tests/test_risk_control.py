@@ -816,3 +816,16 @@ async def test_a_connection_lost_under_a_batch_is_one_gateway_error(nursery: tri
     assert sorted(reasons(outcomes)) == [risk.BAD_REPLY, risk.UNAVAILABLE, risk.UNAVAILABLE]
     assert not cluster.pools[0].ejected(trio.current_time())
     await cluster.close(1)
+
+
+async def test_a_failed_connect_to_send_refused_checks_again_counts_once_per_batch(nursery: trio.Nursery) -> None:
+    """Refused checks go once more on a fresh connection; when that connect fails, outlier
+    detection hears of it as of any failed connect: once per batch (two batches eject)."""
+    client, cluster = h2_risk_cluster(nursery, [], refuse=frozenset((1, s) for s in range(3, 12, 2)))
+    await one_connection(client)
+    cluster.lean.connect_timeout = 0  # the fresh connections cannot be made
+    for ejected in (False, True):
+        outcomes = await client.check_many([CHECK] * 2, trio.current_time() + 5)
+        assert reasons(outcomes) == [risk.UNAVAILABLE] * 2
+        assert cluster.pools[0].ejected(trio.current_time()) is ejected
+    await cluster.close(1)

@@ -45,8 +45,8 @@ from meshproxy.codec.unary_h2 import (
 from meshproxy.drivers.transport import connect
 from meshproxy.values import Address
 
-__all__ = ["Closed", "ExchangeFailed", "ReplyTooLong", "Response", "StreamRefused", "StreamReset", "TimedOut",
-           "UnaryConnections"]
+__all__ = ["Closed", "ExchangeFailed", "NotReconnected", "ReplyTooLong", "Response", "StreamRefused", "StreamReset",
+           "TimedOut", "UnaryConnections"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ class Closed(ExchangeFailed):
 
 class _Stale(Closed):
     """A reused connection failed the request's first send: the request was not processed."""
+
+
+class NotReconnected(StreamRefused):
+    """Refused (not processed), and the fresh connection to send it on again failed to connect."""
 
 
 class TimedOut(ExchangeFailed):
@@ -324,9 +328,10 @@ class UnaryConnections:
 
         A stream that failed alone ends with its Response's `error`; a refused
         one (not processed) is sent once more on a fresh connection first, and
-        stays refused if that fails. Raises, for the whole batch: OSError /
-        trio.TooSlowError (connect), TimedOut (no connection by the deadline),
-        or ExchangeFailed (the connection failed).
+        stays refused if that fails (NotReconnected if it could not connect).
+        Raises, for the whole batch: OSError / trio.TooSlowError (connect),
+        TimedOut (no connection by the deadline), or ExchangeFailed (the
+        connection failed).
         """
         if not 0 < len(requests) <= MAX_IN_FLIGHT:
             raise ValueError(f"a batch is 1 to {MAX_IN_FLIGHT} requests, not {len(requests)}")
@@ -338,7 +343,12 @@ class UnaryConnections:
                 try:
                     again = await self._exchange(address, [requests[i] for i in refused], max_reply, deadline,
                                                  fresh=True)
-                except (OSError, trio.TooSlowError, ExchangeFailed):
+                except (OSError, trio.TooSlowError) as e:  # the first round's answers stand
+                    unsent = NotReconnected(REFUSED_STREAM, f"refused, and the connection to send it again failed: "
+                                                            f"{e or type(e).__name__}")
+                    for i in refused:
+                        responses[i] = Response(ended=True, error=unsent)
+                except ExchangeFailed:
                     pass  # the first round's answers stand; the refused stay refused
                 else:
                     for i, response in zip(refused, again, strict=True):

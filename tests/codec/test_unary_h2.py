@@ -33,7 +33,7 @@ from meshproxy.codec.unary_h2 import (
     UnaryClient,
 )
 from meshproxy.drivers import unary_h2 as driver
-from meshproxy.drivers.unary_h2 import TimedOut, UnaryConnections
+from meshproxy.drivers.unary_h2 import NotReconnected, TimedOut, UnaryConnections
 from meshproxy.values import Address
 from tests.harness import eventually
 
@@ -409,6 +409,21 @@ async def test_a_batch_keeps_to_the_stream_limit_the_endpoint_named_before() -> 
     seen: list[int] = []
     await against_h2(body, 100, seen, max_streams=2, first_replies=1)
     assert seen == [1, 1, 3, 5, 7, 9]  # one reply on the first connection, five on the second
+
+
+async def test_refused_streams_whose_fresh_connection_fails_to_connect_say_so() -> None:
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        (first,) = await lean.exchange_many(address, [(REQUEST, b"a")], 1000, soon())
+        assert first.error is None
+        lean.connect_timeout = 0  # the fresh connection for the refused streams cannot be made
+        responses = await lean.exchange_many(address, [(REQUEST, b"a")] * 3, 1000, soon())
+        assert responses[0].error is None
+        assert all(isinstance(r.error, NotReconnected) for r in responses[1:])
+        assert "connection to send it again failed" in str(responses[1].error)
+
+    seen: list[int] = []
+    await against_h2(body, 100, seen, refuse=frozenset({(1, 5), (1, 7)}))
+    assert seen == [1, 3]
 
 
 async def test_refused_streams_go_once_more_on_a_fresh_connection() -> None:
