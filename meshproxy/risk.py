@@ -200,7 +200,7 @@ class RiskClient:
         if error is not None:
             if isinstance(error, unary_h2.TimedOut):
                 return RiskFailure(TIMEOUT)
-            reason = BAD_REPLY if isinstance(error, unary_h2.ReplyTooLong) else UNAVAILABLE
+            reason = BAD_REPLY if isinstance(error, unary_h2.ReplyTooLong | unary_h2.MalformedReply) else UNAVAILABLE
             return RiskFailure(reason, str(error))
         assert response.head is not None
         try:

@@ -829,3 +829,14 @@ async def test_a_failed_connect_to_send_refused_checks_again_counts_once_per_bat
         assert reasons(outcomes) == [risk.UNAVAILABLE] * 2
         assert cluster.pools[0].ejected(trio.current_time()) is ejected
     await cluster.close(1)
+
+
+def test_a_malformed_or_too_long_reply_is_a_bad_reply_and_a_reset_is_unavailable() -> None:
+    from meshproxy.drivers import unary_h2
+
+    client = risk.RiskClient(None, "json", "/v1/risk/check", "risk")  # type: ignore[arg-type]
+    for error, reason in [(unary_h2.MalformedReply(1, "content-length"), risk.BAD_REPLY),
+                          (unary_h2.ReplyTooLong(8, "long"), risk.BAD_REPLY),
+                          (unary_h2.StreamReset(2, "reset"), risk.UNAVAILABLE)]:
+        outcome = client._outcome(unary_h2.Response(ended=True, error=error))
+        assert isinstance(outcome, risk.RiskFailure) and outcome.reason == reason

@@ -12,8 +12,8 @@ state machine plus the proxy's connection machinery (a reader task, a
 batched writer) cost about what a whole proxy leg does. Here the caller
 sends one request (enforce mode) or a batch of them at once (report mode,
 several streams in one write), reads until their Responses are ended, and
-reuses the connection. A reset or refused stream, or a reply too long, ends
-its Response with an `error`; anything wrong with the connection is an `ExchangeFailed` raised
+reuses the connection. A reset or refused stream, a reply too long or a
+malformed one ends its Response with an `error`; anything wrong with the connection is an `ExchangeFailed` raised
 from `receive`, and the connection is dropped (a fresh one is cheap; this
 path never has to recover one).
 """
@@ -27,7 +27,8 @@ from hpack.exceptions import HPACKError
 
 from meshproxy.codec.hpack import LeanDecoder, StatelessEncoder
 
-__all__ = ["PREFACE", "ExchangeFailed", "ReplyTooLong", "Response", "StreamRefused", "StreamReset", "UnaryClient"]
+__all__ = ["PREFACE", "ExchangeFailed", "MalformedReply", "ReplyTooLong", "Response", "StreamRefused", "StreamReset",
+           "UnaryClient"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -54,7 +55,7 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 class ExchangeFailed(Exception):
     """The connection failed and cannot be trusted (a protocol error): drop it. The subclasses
-    StreamReset and ReplyTooLong are one exchange's failure, on a Response's `error`."""
+    StreamReset, ReplyTooLong and MalformedReply are one exchange's failure, on a Response's `error`."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -67,6 +68,11 @@ class StreamReset(ExchangeFailed):
 
 class ReplyTooLong(ExchangeFailed):
     """The reply's body went past max_reply: the stream was reset (CANCEL), the connection is fine."""
+
+
+class MalformedReply(ExchangeFailed):
+    """The reply broke HTTP's rules for one (RFC 9113 8.1.1: a content-length that is not its body's
+    length): that exchange failed (ended), the connection is fine."""
 
 
 class StreamRefused(StreamReset):
@@ -283,6 +289,8 @@ class UnaryClient:
                 raise ExchangeFailed(PROTOCOL_ERROR, "unexpected HEADERS")
             payload = self._unpad(flags, payload)
             if flags & PRIORITY_FLAG:
+                if len(payload) < 5:  # the padding ate into the priority fields (RFC 9113 6.2)
+                    raise ExchangeFailed(PROTOCOL_ERROR, "HEADERS too short for its priority")
                 payload = payload[5:]
             self._block, self._block_stream, self._block_ends = bytearray(payload), sid, bool(flags & END_STREAM)
         else:
@@ -324,8 +332,15 @@ class UnaryClient:
         # answered without reading the whole request follows with
         # RST_STREAM NO_ERROR (RFC 9113 8.1).
         del self._streams[sid]
-        stream.response.ended = True
-        self._completed = stream.response
+        r = stream.response
+        r.ended = True
+        self._completed = r
+        if r.head is not None and r.head[0][1] not in (b"204", b"304"):
+            for name, value in r.head:
+                if name == b"content-length":
+                    if not (value.isdigit() and int(value) == len(r.data)):  # RFC 9113 8.1.1
+                        r.error = MalformedReply(PROTOCOL_ERROR, f"content-length {value!r}, {len(r.data)} bytes came")
+                    break
         if stream.pending:  # answered before the whole request was sent: end our side too
             self._out += frame(RST_STREAM, 0, sid, struct.pack("!I", CANCEL))
 
@@ -333,6 +348,8 @@ class UnaryClient:
         if sid:
             raise ExchangeFailed(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
+            if payload:
+                raise ExchangeFailed(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
         if len(payload) % 6:
             raise ExchangeFailed(FRAME_SIZE_ERROR, "bad SETTINGS")
@@ -352,6 +369,9 @@ class UnaryClient:
                 if not FRAME_MAX <= value <= 2**24 - 1:
                     raise ExchangeFailed(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
                 self._peer_frame_max = value
+            elif key == SETTINGS_ENABLE_PUSH:
+                if value != 0:  # RFC 9113 6.5.2: a server must not set it, to 1 or anything else
+                    raise ExchangeFailed(PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {value} from a server")
             elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
                 # Streams already open past a lowered limit go on (the server refuses what it must).
                 self.peer_max_streams = min(value, MAX_IN_FLIGHT)
@@ -371,6 +391,7 @@ class UnaryClient:
         else:
             stream = self._streams.get(sid)
             if stream is None:
+                self._opened(sid)  # one that ended may still get them; one never opened may not
                 return
             stream.send_window += increment
             window = stream.send_window

@@ -36,6 +36,7 @@ from meshproxy.codec.unary_h2 import (
     MAX_IN_FLIGHT,
     REFUSED_STREAM,
     ExchangeFailed,
+    MalformedReply,
     ReplyTooLong,
     Response,
     StreamRefused,
@@ -45,8 +46,8 @@ from meshproxy.codec.unary_h2 import (
 from meshproxy.drivers.transport import connect
 from meshproxy.values import Address
 
-__all__ = ["Closed", "ExchangeFailed", "NotReconnected", "ReplyTooLong", "Response", "StreamRefused", "StreamReset",
-           "TimedOut", "UnaryConnections"]
+__all__ = ["Closed", "ExchangeFailed", "MalformedReply", "NotReconnected", "ReplyTooLong", "Response", "StreamRefused",
+           "StreamReset", "TimedOut", "UnaryConnections"]
 
 log = logging.getLogger(__name__)
 

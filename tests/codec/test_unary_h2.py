@@ -27,6 +27,7 @@ from h2.errors import ErrorCodes
 from meshproxy.codec import unary_h2
 from meshproxy.codec.unary_h2 import (
     ExchangeFailed,
+    MalformedReply,
     ReplyTooLong,
     StreamRefused,
     StreamReset,
@@ -216,6 +217,11 @@ def test_bounds_reply_size_frame_size_and_push() -> None:
     unary_h2.frame(unary_h2.RST_STREAM, 0, 2, b"\0\0\0\0"),  # an even id: the server's, and push is off
     # RFC 9113 8.1: an interim response cannot end the stream (:status 103, static-name literal).
     unary_h2.frame(unary_h2.HEADERS, unary_h2.END_HEADERS | unary_h2.END_STREAM, 1, b"\x08\x03103"),
+    unary_h2.frame(unary_h2.WINDOW_UPDATE, 0, 3, b"\0\0\0\x01"),
+    # 2 bytes of padding leave 2 of the 5 the priority fields take (RFC 9113 6.2); the block follows.
+    unary_h2.frame(unary_h2.HEADERS, unary_h2.PADDED | unary_h2.PRIORITY_FLAG, 1, b"\x02\0\0pp")
+    + unary_h2.frame(unary_h2.CONTINUATION, unary_h2.END_HEADERS | unary_h2.END_STREAM, 1, b"\x88"),
+    unary_h2.frame(unary_h2.SETTINGS, 0, 0, struct.pack("!HI", unary_h2.SETTINGS_ENABLE_PUSH, 1)),
 ])
 def test_frames_on_streams_never_opened_and_a_final_interim_reply_are_protocol_errors(wire: bytes) -> None:
     c = UnaryClient(max_reply=1000)
@@ -223,6 +229,27 @@ def test_frames_on_streams_never_opened_and_a_final_interim_reply_are_protocol_e
     with pytest.raises(ExchangeFailed) as e:
         c.receive(wire)
     assert e.value.code == unary_h2.PROTOCOL_ERROR and not isinstance(e.value, StreamReset)
+
+
+def test_a_settings_ack_with_a_payload_is_a_frame_size_error() -> None:
+    c = UnaryClient(max_reply=1000)
+    c.request(REQUEST, b"")
+    with pytest.raises(ExchangeFailed) as e:
+        c.receive(unary_h2.frame(unary_h2.SETTINGS, unary_h2.ACK, 0, b"\0" * 6))
+    assert e.value.code == unary_h2.FRAME_SIZE_ERROR
+
+
+@pytest.mark.parametrize(("length", "body", "malformed"), [
+    (b"2", b"ok", False), (b"5", b"ok", True), (b"0", b"ok", True), (b"x", b"", True), (b"002", b"ok", False)])
+def test_a_content_length_that_is_not_the_bodys_length_fails_that_exchange(length: bytes, body: bytes,
+                                                                            malformed: bool) -> None:
+    s, c, _ = start()
+    s.send_headers(1, [(b":status", b"200"), (b"content-length", length)])
+    s.send_data(1, body, end_stream=True)
+    r = c.receive(s.data_to_send())
+    assert r is not None and r.ended
+    assert isinstance(r.error, MalformedReply) is malformed
+    assert c.usable  # the connection goes on
 
 
 def test_a_batch_of_exchanges_with_interleaved_replies_and_one_reset() -> None:
