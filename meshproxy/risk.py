@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,8 @@ class RiskClient:
     def __init__(self, cluster: Cluster, protocol: str, path: str, authority: str) -> None:
         self.cluster = cluster
         self.grpc = protocol == "grpc"
+        # Shared connections already told to outlier detection as lost (weak: they go when closed).
+        self._lost_links: weakref.WeakSet[ClientLink] = weakref.WeakSet()
         self._head: list[tuple[bytes, bytes]] = [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -230,21 +233,21 @@ class RiskClient:
 
     async def _shared_many(self, exchanges: list[tuple[list[tuple[bytes, bytes]], bytes]], deadline: float,
                            slow_after: float) -> list[Verdict | RiskFailure]:
-        results: list[Verdict | RiskFailure] = [RiskFailure(TIMEOUT)] * len(exchanges)
-        lost: set[ClientLink] = set()  # connections lost under these checks: one outlier event each
+        results: list[Verdict | RiskFailure] = [RiskFailure(TIMEOUT)] * len(exchanges)  # unless it ends first
 
         async def one(i: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
             for again in (False, True):
                 try:
-                    results[i] = await self._shared_exchange(headers, body, deadline, slow_after, lost)
+                    results[i] = await self._shared_exchange(headers, body, deadline, slow_after)
                     return
                 except ProxyError as e:  # no endpoint took the stream (down, overflow)
                     results[i] = RiskFailure(UNAVAILABLE, e.message)
                     return
                 except StreamReset as e:  # refused (not processed), or from open_stream: a connection that
-                    results[i] = RiskFailure(UNAVAILABLE, str(e))  # cannot take a stream any more
-                    if e.code != ErrorCodes.REFUSED_STREAM or again:
-                        return  # else sent once more, as the lean path does
+                    if e.code != ErrorCodes.REFUSED_STREAM or again:  # cannot take a stream any more
+                        results[i] = RiskFailure(UNAVAILABLE, str(e))
+                        return
+                    # else sent once more, as the lean path does
 
         with trio.move_on_at(deadline):
             if len(exchanges) == 1:
@@ -256,10 +259,10 @@ class RiskClient:
         return results
 
     async def _shared_exchange(self, headers: list[tuple[bytes, bytes]], body: bytes, deadline: float,
-                               slow_after: float, lost: set[ClientLink]) -> Verdict | RiskFailure:
+                               slow_after: float) -> Verdict | RiskFailure:
         """One check on the shared connections. A refused stream's StreamReset is raised (it was not
-        processed: it tells outlier detection nothing); a connection lost under it is told once for all
-        the checks in `lost`, as the lean path tells a connection lost under a batch."""
+        processed: it tells outlier detection nothing); a connection lost under several checks is
+        told once, by the first of them, as the lean path tells a connection lost under a batch."""
         cluster = self.cluster
         pool, link, stream = await cluster.open_stream(headers, False)
         outcome: Verdict | RiskFailure | None = None
@@ -273,8 +276,8 @@ class RiskClient:
                 raise
             outcome = RiskFailure(UNAVAILABLE, str(e))
             if e.code == ErrorCodes.CONNECT_ERROR:  # the connection went (drivers/h2.py)
-                tell = link not in lost
-                lost.add(link)
+                tell = link not in self._lost_links
+                self._lost_links.add(link)
             return outcome
         finally:
             if not tell:

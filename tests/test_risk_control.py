@@ -790,6 +790,15 @@ async def test_refused_checks_say_nothing_to_outlier_detection(nursery: trio.Nur
     await cluster.close(1)
 
 
+async def test_a_refused_check_sent_again_and_held_past_its_deadline_is_a_timeout(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(risk, "LEAN_MAX_BUSY", 0)
+    client, cluster = h2_risk_cluster(nursery, [], refuse=frozenset({(1, 3)}), hold=frozenset({(1, 5)}))
+    await one_connection(client)
+    assert reasons(await client.check_many([CHECK], trio.current_time() + 0.3)) == [risk.TIMEOUT]
+    await cluster.close(1)
+
+
 async def test_refused_checks_on_the_shared_connections_are_sent_once_more(
         nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(risk, "LEAN_MAX_BUSY", 0)
@@ -802,17 +811,36 @@ async def test_refused_checks_on_the_shared_connections_are_sent_once_more(
     await cluster.close(1)
 
 
-@pytest.mark.parametrize("path", ["lean", "shared"])
-async def test_a_connection_lost_under_a_batch_is_one_gateway_error(nursery: trio.Nursery, path: str,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server answers one check of three and closes the connection: the two it held fail,
-    and outlier detection (2 consecutive errors eject) hears of one failure, not two."""
+async def concurrent_checks(client: risk.RiskClient, n: int) -> list[risk.Verdict | risk.RiskFailure]:
+    outcomes: list[risk.Verdict | risk.RiskFailure] = []
+
+    async def one() -> None:
+        try:
+            outcomes.append(await client.check(CHECK, trio.current_time() + 5))
+        except risk.RiskFailure as e:
+            outcomes.append(e)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+    return outcomes
+
+
+@pytest.mark.parametrize(("path", "checks"), [("lean", "batch"), ("shared", "batch"), ("shared", "concurrent")])
+async def test_a_connection_lost_under_several_checks_is_one_gateway_error(
+        nursery: trio.Nursery, path: str, checks: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server answers one check of three on a connection and closes it: the two it held
+    fail, and outlier detection (2 consecutive errors eject) hears of one failure, not two,
+    whether the checks were a batch or checks of their own sharing the connection."""
     if path == "shared":
         monkeypatch.setattr(risk, "LEAN_MAX_BUSY", 0)
     client, cluster = h2_risk_cluster(nursery, [], replies_per_connection=2,
                                       hold=frozenset((1, s) for s in (5, 7)))
     await one_connection(client)
-    outcomes = await client.check_many([CHECK] * 3, trio.current_time() + 5)
+    if checks == "batch":
+        outcomes = await client.check_many([CHECK] * 3, trio.current_time() + 5)
+    else:
+        outcomes = await concurrent_checks(client, 3)
     assert sorted(reasons(outcomes)) == [risk.BAD_REPLY, risk.UNAVAILABLE, risk.UNAVAILABLE]
     assert not cluster.pools[0].ejected(trio.current_time())
     await cluster.close(1)

@@ -85,7 +85,7 @@ class Response:
     data: bytearray = field(default_factory=bytearray)
     trailers: list[tuple[bytes, bytes]] | None = None
     ended: bool = False
-    error: ExchangeFailed | None = None  # the exchange failed alone: StreamReset, ReplyTooLong (ended too)
+    error: ExchangeFailed | None = None  # the exchange failed alone: StreamReset, ReplyTooLong, MalformedReply
 
 
 class _Stream:
@@ -336,10 +336,9 @@ class UnaryClient:
         r.ended = True
         self._completed = r
         if r.head is not None and r.head[0][1] not in (b"204", b"304"):
-            for name, value in r.head:
-                if name == b"content-length":
-                    if not (value.isdigit() and int(value) == len(r.data)):  # RFC 9113 8.1.1
-                        r.error = MalformedReply(PROTOCOL_ERROR, f"content-length {value!r}, {len(r.data)} bytes came")
+            for name, value in r.head:  # RFC 9113 8.1.1: each of them, if several
+                if name == b"content-length" and not (value.isdigit() and int(value) == len(r.data)):
+                    r.error = MalformedReply(PROTOCOL_ERROR, f"content-length {value!r}, {len(r.data)} bytes came")
                     break
         if stream.pending:  # answered before the whole request was sent: end our side too
             self._out += frame(RST_STREAM, 0, sid, struct.pack("!I", CANCEL))

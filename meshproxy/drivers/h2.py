@@ -720,7 +720,11 @@ class ClientLink(H2Link):
         sid = self.conn.get_next_available_stream_id()
         stream = Stream(self, sid)
         self.streams[sid] = stream
-        self.send_headers(stream, headers, end)
+        try:
+            self.send_headers(stream, headers, end)
+        except StreamReset:
+            self.forget(stream)  # else it would hold one of the connection's stream slots for good
+            raise
         return stream
 
     def on_response(self, event: ev.ResponseReceived) -> None:

@@ -329,7 +329,8 @@ class UnaryConnections:
 
         A stream that failed alone ends with its Response's `error`; a refused
         one (not processed) is sent once more on a fresh connection first, and
-        stays refused if that fails (NotReconnected if it could not connect).
+        stays refused if that fails (NotReconnected if it could not connect,
+        TimedOut if the deadline passed first).
         Raises, for the whole batch: OSError / trio.TooSlowError (connect),
         TimedOut (no connection by the deadline), or ExchangeFailed (the
         connection failed).
@@ -345,12 +346,15 @@ class UnaryConnections:
                     again = await self._exchange(address, [requests[i] for i in refused], max_reply, deadline,
                                                  fresh=True)
                 except (OSError, trio.TooSlowError) as e:  # the first round's answers stand
-                    unsent = NotReconnected(REFUSED_STREAM, f"refused, and the connection to send it again failed: "
-                                                            f"{e or type(e).__name__}")
+                    unsent: ExchangeFailed = NotReconnected(
+                        REFUSED_STREAM, f"refused, and the connection to send it again failed: {e or type(e).__name__}")
                     for i in refused:
                         responses[i] = Response(ended=True, error=unsent)
+                except TimedOut as e:  # no connection by the deadline: timed out, as if it had been sent
+                    for i in refused:
+                        responses[i] = Response(ended=True, error=e)
                 except ExchangeFailed:
-                    pass  # the first round's answers stand; the refused stay refused
+                    pass  # the fresh connection failed (a protocol error): the refused stay refused
                 else:
                     for i, response in zip(refused, again, strict=True):
                         responses[i] = response

@@ -453,6 +453,15 @@ async def test_refused_streams_whose_fresh_connection_fails_to_connect_say_so() 
     assert seen == [1, 3]
 
 
+async def test_refused_streams_whose_retry_comes_after_the_deadline_time_out() -> None:
+    async def body(address: Address, lean: UnaryConnections) -> None:
+        # Stream 1 is held until the deadline; only then does stream 3, refused, go again.
+        responses = await lean.exchange_many(address, [(REQUEST, b"a")] * 2, 1000, trio.current_time() + 0.2)
+        assert [type(r.error) for r in responses] == [TimedOut, TimedOut]
+
+    await against_h2(body, 100, [], hold=frozenset({(1, 1)}), refuse=frozenset({(1, 3)}))
+
+
 async def test_refused_streams_go_once_more_on_a_fresh_connection() -> None:
     async def body(address: Address, lean: UnaryConnections) -> None:
         responses = await lean.exchange_many(address, [(REQUEST, b"a")] * 3, 1000, soon())
