@@ -92,21 +92,27 @@ async def cpu_per_call(fn: Callable[[], Awaitable[object]], n: int, reps: int) -
     return round(min(runs), 1)
 
 
-def floor_exchange(sock: socket.socket, headers: list[tuple[bytes, bytes]], body: bytes
+def floor_exchange(sock: socket.socket, headers: list[tuple[bytes, bytes]], body: bytes, blocking: bool = False
                    ) -> Callable[[], Awaitable[None]]:
-    sock.setblocking(False)
+    """`blocking`: a blocking recv in place of trio's readiness wait (a bench only: it stalls the loop)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if blocking:
+        sock.settimeout(5)
+    else:
+        sock.setblocking(False)
     codec = UnaryClient(risk.MAX_REPLY_BYTES)
+    wait = trio.lowlevel.wait_readable
 
     async def one() -> None:
         response = codec.request(headers, body)
-        sock.send(codec.data_to_send())
+        sock.sendall(codec.data_to_send())
         while not response.ended:
-            await trio.lowlevel.wait_readable(sock)
+            if not blocking:
+                await wait(sock)
             codec.receive(sock.recv(65536))
             out = codec.data_to_send()
             if out:
-                sock.send(out)
+                sock.sendall(out)
         if response.error is not None or response.head is None or response.head[0] != (b":status", b"200"):
             raise RuntimeError(f"floor: bad reply {response}")
 
@@ -115,27 +121,6 @@ def floor_exchange(sock: socket.socket, headers: list[tuple[bytes, bytes]], body
 
 def headers_value(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
     return f"{name.decode()}: {dict(headers)[name].decode()}"
-
-
-def blocking_exchange(sock: socket.socket, headers: list[tuple[bytes, bytes]], body: bytes
-                      ) -> Callable[[], Awaitable[None]]:
-    """The floor with a blocking recv in place of trio's readiness wait (a bench only: it stalls the loop)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(5)
-    codec = UnaryClient(risk.MAX_REPLY_BYTES)
-
-    async def one() -> None:
-        response = codec.request(headers, body)
-        sock.sendall(codec.data_to_send())
-        while not response.ended:
-            codec.receive(sock.recv(65536))
-            out = codec.data_to_send()
-            if out:
-                sock.sendall(out)
-        if response.error is not None or response.head is None or response.head[0] != (b":status", b"200"):
-            raise RuntimeError(f"blocking floor: bad reply {response}")
-
-    return one
 
 
 async def wall_p50(fn: Callable[[], Awaitable[None]], n: int) -> int:
@@ -219,7 +204,7 @@ async def measure(o: argparse.Namespace, b: h.Bench, origin: int) -> dict[str, o
         with socket.create_connection(("127.0.0.1", origin)) as sock, \
                 socket.create_connection(("127.0.0.1", origin)) as blocking:
             floor = floor_exchange(sock, headers, body)
-            floor_blocking = blocking_exchange(blocking, headers, body)
+            floor_blocking = floor_exchange(blocking, headers, body, blocking=True)
             for name, url in urls.items():  # warm both listeners' connections
                 await p50(url, 500, b.dir / f"lat-{name}.log")
             for i in range(o.rounds):
