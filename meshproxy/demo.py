@@ -3,13 +3,17 @@
 `ExampleBackend` is a small h2c server on trio, used by the demo and by the
 tests as a real origin: GET /size/N answers N bytes, POST /echo echoes the
 body (streaming, with back-pressure), /status/N answers status N, /slow/MS
-waits MS milliseconds, anything else answers "hello from the example
-backend". Run it alone with `python -m meshproxy.demo backend --port 9000`.
+waits MS milliseconds, POST /v1/risk/check answers a risk_control check
+(JSON: DENY for the users in `deny_users`, by their x-user-id header, else
+ALLOW), anything else answers "hello from the example backend". With a
+`name`, every response says it in `x-backend`. Run it alone with
+`python -m meshproxy.demo backend --port 9000 [--name a] [--deny-users 666,667]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import socket
 import sys
@@ -23,6 +27,8 @@ import h2.exceptions
 import trio
 
 Headers = list[tuple[bytes, bytes]]
+RISK_PATH = "/v1/risk/check"
+MAX_CHECK_BYTES = 64 * 1024  # of a check's body kept for the verdict
 
 
 class ExampleBackend:
@@ -32,7 +38,9 @@ class ExampleBackend:
     request with that status; `stall` leaves requests unanswered until set back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "", deny_users: frozenset[str] = frozenset()) -> None:
+        self.name = name.encode()
+        self.deny_users = deny_users
         self.requests: list[Headers] = []
         self.resets = 0
         self.port = 0
@@ -100,12 +108,19 @@ class ExampleBackend:
                     await flush()
                     return
                 size = 0
+                received = bytearray()
                 async for chunk in body:
                     if chunk is None:
                         break
                     size += len(chunk)
+                    if path == RISK_PATH and len(received) < MAX_CHECK_BYTES:
+                        received += chunk
                 self.body_sizes.append(size)
-                if path.startswith("/size/"):
+                extra: Headers = [(b"x-backend", self.name)] if self.name else []
+                if path == RISK_PATH:
+                    payload = self._verdict(received)
+                    extra.append((b"content-type", b"application/json"))
+                elif path.startswith("/size/"):
                     payload = b"x" * int(path[6:])
                 elif path.startswith("/slow/"):
                     await trio.sleep(int(path[6:]) / 1000)
@@ -116,7 +131,8 @@ class ExampleBackend:
                     await trio.sleep(0.01)
                 status = int(path[8:]) if path.startswith("/status/") else 200
                 status = self.fail_status or status
-                conn.send_headers(sid, [(b":status", str(status).encode()), (b"content-length", str(len(payload)).encode())])
+                conn.send_headers(sid, [(b":status", str(status).encode()), (b"content-length", str(len(payload)).encode()),
+                                        *extra])
                 await send_body(sid, payload)
 
         try:
@@ -158,6 +174,19 @@ class ExampleBackend:
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError):
             pass
+
+
+    def _verdict(self, check: bytes) -> bytes:
+        """A CheckResponse (JSON) for a CheckRequest (JSON, docs/risk_control.md): a toy policy."""
+        try:
+            headers = json.loads(check).get("headers", [])
+            users = {base64.b64decode(h["value"]).decode("utf-8", "replace")
+                     for h in headers if h.get("name") == "x-user-id"}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            return json.dumps({"verdict": "REVIEW", "reason": f"unreadable_check_{type(e).__name__}"}).encode()
+        if users & self.deny_users:
+            return b'{"verdict": "DENY", "reason": "user_blocked"}'
+        return b'{"verdict": "ALLOW", "reason": "ok"}'
 
 
 async def h2_get(port: int, path: str, host: str = "127.0.0.1", body: bytes | None = None) -> tuple[int, Headers, bytes]:
@@ -257,8 +286,10 @@ def _backend_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m meshproxy.demo backend")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--name", default="", help="sent back in an x-backend header (which unit answered)")
+    p.add_argument("--deny-users", default="", help="x-user-id values whose risk checks get DENY, comma-separated")
     args = p.parse_args(argv)
-    backend = ExampleBackend()
+    backend = ExampleBackend(args.name, frozenset(u for u in args.deny_users.split(",") if u))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
