@@ -379,7 +379,7 @@ def test_cli_missing_file_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert result.stderr == f"{path}: cannot read: No such file or directory\n"
 
 
-@pytest.mark.parametrize("name", ["egress.yaml", "ingress.yaml", "governance.yaml"])
+@pytest.mark.parametrize("name", ["egress.yaml", "ingress.yaml", "governance.yaml", "units-risk.yaml"])
 def test_cli_check_prints_the_effective_config(name: str) -> None:
     result = run_cli("--check", "--conf", f"conf/{name}")
     assert result.returncode == 0, result.stderr
@@ -389,7 +389,7 @@ def test_cli_check_prints_the_effective_config(name: str) -> None:
     known = {c["name"] for c in dumped["clusters"]}
     for listener in dumped["listeners"]:
         assert listener["direction"] in ("egress", "ingress")
-        assert {r["cluster"] for r in listener["routes"]} <= known
+        assert {c for r in listener["routes"] for c in (r["weighted"] or [r["cluster"]])} <= known
     # Defaults are filled in.
     assert dumped["drain_timeout"] == 10.0
     assert dumped["listeners"][0]["http2"]["write_timeout"] == 30.0
