@@ -92,6 +92,20 @@ def test_hpack_state_and_stream_ids_carry_across_exchanges() -> None:
         assert r is not None and r.head == [(b":status", b"200"), (b"x-verdict", b"allow-" + str(sid).encode())]
 
 
+def test_the_client_asks_for_no_dynamic_table_and_keeps_none() -> None:
+    s, c, events = start()
+    (changed,) = [e for e in events if isinstance(e, h2.events.RemoteSettingsChanged)]
+    assert changed.changed_settings[h2.settings.SettingCodes.HEADER_TABLE_SIZE].new_value == 0
+    for sid in (1, 3):  # h2's encoder would index these; told the table is 0, it says so and does not
+        if sid > 1:
+            c.request(REQUEST, b"")
+            to_server(s, c)
+        s.send_headers(sid, [(b":status", b"200"), (b"x-verdict", b"allow")], end_stream=True)
+        r = c.receive(s.data_to_send())
+        assert r is not None and r.head == [(b":status", b"200"), (b"x-verdict", b"allow")]
+        assert not c._decoder.header_table.dynamic_entries
+
+
 def test_pings_are_acknowledged_and_a_reply_in_pieces_completes_once() -> None:
     s, c, _ = start()
     s.ping(b"12345678")
