@@ -175,7 +175,6 @@ class ExampleBackend:
         except (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError):
             pass
 
-
     def _verdict(self, check: bytes) -> bytes:
         """A CheckResponse (JSON) for a CheckRequest (JSON, docs/risk_control.md): a toy policy."""
         try:

@@ -280,11 +280,9 @@ class RiskClient:
                 self._lost_links.add(link)
             return outcome
         finally:
-            if not tell:
-                pass
-            elif outcome is not None:
+            if tell and outcome is not None:
                 self._tell_outlier(pool, [outcome], deadline >= slow_after)
-            elif trio.current_time() >= slow_after:  # cancelled (the deadline, the caller left) when slow
+            elif tell and trio.current_time() >= slow_after:  # cancelled (the deadline, the caller left) when slow
                 self._tell(pool, failed=True)
             # As the proxy does with its upstream streams: a finished stream is
             # forgotten, an unfinished one (timeout, bad reply) reset.
