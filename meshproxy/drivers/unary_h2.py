@@ -346,7 +346,7 @@ class UnaryConnections:
                     again = await self._exchange(address, [requests[i] for i in refused], max_reply, deadline,
                                                  fresh=True)
                 except (OSError, trio.TooSlowError) as e:  # the first round's answers stand
-                    unsent: ExchangeFailed = NotReconnected(
+                    unsent = NotReconnected(
                         REFUSED_STREAM, f"refused, and the connection to send it again failed: {e or type(e).__name__}")
                     for i in refused:
                         responses[i] = Response(ended=True, error=unsent)
